@@ -1,0 +1,66 @@
+"""Loading the FLUX transformer (and, for previews, the VAE and scheduler) and adding LoRA."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+def load_transformer(name_or_path: str, *, revision: str | None = None, variant: str | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The FLUX transformer alone: from a diffusers folder or hub id, or a single-file checkpoint.
+
+    A `.safetensors`/`.sft` file is read with `from_single_file`, which understands the BFL and
+    ComfyUI layouts; everything else through `from_pretrained(..., subfolder="transformer")`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        model = FluxTransformer2DModel.from_single_file(str(path), torch_dtype=dtype)
+    else:
+        model = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", revision=revision,
+                                                       variant=variant, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def load_vae_and_scheduler(name_or_path: str, *, revision: str | None = None,
+                           dtype: torch.dtype = torch.bfloat16) -> tuple[AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
+    """The VAE (its decoder draws previews) and the scheduler of a diffusers folder or hub id."""
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", revision=revision, dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", revision=revision)
+    vae.requires_grad_(False)
+    return vae, scheduler
+
+
+def add_lora(transformer: FluxTransformer2DModel, *, rank: int, alpha: float, target_modules: Sequence[str],
+             dropout: float = 0.0, init: str = "gaussian") -> list[torch.nn.Parameter]:
+    """Adds a PEFT adapter ("default") and returns its parameters, in fp32 over the frozen base.
+
+    fp32 LoRA weights keep small updates from rounding away in bf16 (as diffusers' examples do);
+    autocast still runs the LoRA matmuls in the base dtype.
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init,
+                        target_modules=list(target_modules))
+    try:
+        transformer.add_adapter(config)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ValueError(f"--lora_layers: {err}") from None
+    cast_training_params(transformer, dtype=torch.float32)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """Flash or memory-efficient SDPA on CUDA: cuDNN attention crashed (illegal memory access) in
+    FLUX training on this stack. Wrap forward and backward, since gradient checkpointing recomputes
+    attention in the backward pass."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])

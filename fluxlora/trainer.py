@@ -1,0 +1,302 @@
+"""The LoRA flow-matching training loop over the embedding cache.
+
+`train(cfg)` builds everything, then the loop reads as a table of contents: step, maybe log,
+maybe checkpoint, maybe preview. Accelerate is the only distributed seam; previews and file
+writes happen on the main process, fenced by barriers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from . import flow
+from .cache import EmbeddingCache
+from .checkpoint import load_checkpoint, register_lora_hooks, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .lora_io import load_lora_into_transformer, save_lora
+from .metrics import JsonlLog, plot_loss_curve, read_jsonl
+from .models import DTYPES, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
+from .sampler import Batch, BucketBatchStream, load_batch, prefetch
+from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir, "logs"))),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
+    )
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
+                                   eps=cfg.adam_epsilon)
+    if cfg.optimizer == "prodigy":
+        import prodigyopt
+        return prodigyopt.Prodigy(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
+                                  eps=cfg.adam_epsilon)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
+                             eps=cfg.adam_epsilon)
+
+
+def step_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """Noise and sigmas of a batch depend only on the seed and the batch's stream position, so a
+    resumed run (on any number of processes) draws exactly what an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + position)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.accelerator = acc = build_accelerator(cfg)
+        self.device = acc.device
+        self.weight_dtype = DTYPES[cfg.mixed_precision]
+        set_seed(cfg.seed)
+
+        self.cache = EmbeddingCache(cfg.embeddings_dir, verify=acc.is_main_process)
+        self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
+                                     revision=cfg.revision)
+        entries = [e for e in self.cache.entries if not cfg.resolutions or e.resolution in cfg.resolutions]
+        self.stream = BucketBatchStream(entries, cfg.train_batch_size, cfg.seed, repeats=cfg.repeats,
+                                        caption_dropout=cfg.caption_dropout)
+
+        transformer = load_transformer(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                       variant=cfg.variant, dtype=self.weight_dtype).to(self.device)
+        self.guidance_embeds = bool(transformer.config.guidance_embeds)
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.params = add_lora(transformer, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.lora_layers,
+                               dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
+        if cfg.init_lora:
+            load_lora_into_transformer(transformer, cfg.init_lora)
+        optimizer = build_optimizer(cfg, self.params)
+        # accelerate steps a prepared scheduler once per process per call: count steps likewise
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                  num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                  num_training_steps=cfg.max_train_steps * acc.num_processes)
+        self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
+        register_lora_hooks(acc, self.transformer)
+
+        self.step, self.position = 0, 0
+        resumed = None
+        if cfg.resume_from_checkpoint:
+            resumed = resolve_checkpoint(self.out, cfg.resume_from_checkpoint)
+            state = load_checkpoint(acc, resumed)
+            self.step, self.position = state["step"], state["position"]
+        self.resumed_from = resumed
+        self.log = JsonlLog(self.out / "logs.jsonl", resume_step=self.step if resumed else None) \
+            if acc.is_main_process else None
+        if acc.is_main_process:
+            acc.init_trackers(cfg.tracker_project_name, config=_flat_config(cfg))
+        self._preview_models: tuple | None = None
+        self.preview_rounds: list[tuple[int, list]] = []
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.validation_steps and self.resumed_from is None:
+            self.maybe_preview(force=True)  # the "before" row of the sample grid
+        batches = prefetch(self.stream.iterate(self.position, acc.process_index, acc.num_processes),
+                           lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
+        window = _Window(self.device)
+        bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+        while self.step < cfg.max_train_steps:
+            self.train_step(batches, window)
+            bar.update(1)
+            self.maybe_log(window, bar)
+            self.maybe_checkpoint()
+            self.maybe_preview()
+        bar.close()
+        return self.finish()
+
+    def train_step(self, batches: Iterator[tuple[Batch, dict]], window: "_Window") -> None:
+        """One optimizer step over `gradient_accumulation_steps` batches."""
+        cfg, acc = self.cfg, self.accelerator
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch, data = next(batches)
+            with acc.accumulate(self.transformer), attention_backends(self.device):
+                loss, sigmas = self.loss(batch, data)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    window.grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(loss.detach(), sigmas, len(batch.entries))
+        self.step += 1
+        self.position += cfg.gradient_accumulation_steps * acc.num_processes
+
+    def loss(self, batch: Batch, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-matching loss of one batch: x_t = (1 - s) x0 + s noise, target noise - x0."""
+        cfg, dev = self.cfg, self.device
+        gen = step_generator(cfg.seed, batch.position, dev)
+        mean, std = (data[k].to(dev, non_blocking=True) for k in ("mean", "std"))
+        x0 = flow.latents_from_posterior(mean, std, self.cache.vae_scaling_factor, self.cache.vae_shift_factor,
+                                         generator=gen)  # [B,16,H,W] fp32
+        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=x0.dtype)
+        b, _, h, w = x0.shape
+        mu = flow.image_seq_len_shift((h // 2) * (w // 2)) if cfg.timestep_sampling == "flux_shift" else None
+        sigmas = flow.sample_sigmas(b, cfg.timestep_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                                    mode_scale=cfg.mode_scale, mu=mu, generator=gen, device=dev)
+        t5 = data["t5"].to(dev, self.weight_dtype, non_blocking=True)
+        clip = data["clip"].to(dev, self.weight_dtype, non_blocking=True)
+        pred = self.transformer(
+            hidden_states=flow.pack_latents(flow.noisy_latents(x0, noise, sigmas)).to(self.weight_dtype),
+            timestep=sigmas,  # in [0, 1]: the transformer multiplies by 1000 itself
+            guidance=flow.guidance_vector(b, cfg.guidance_scale, dev) if self.guidance_embeds else None,
+            pooled_projections=clip, encoder_hidden_states=t5,
+            txt_ids=flow.text_ids(t5.shape[1], dev, self.weight_dtype),
+            img_ids=flow.latent_image_ids(h, w, dev, self.weight_dtype),
+            return_dict=False)[0]
+        target = flow.pack_latents(flow.velocity_target(x0, noise))
+        return flow.flow_matching_loss(pred, target, flow.loss_weights(cfg.loss_weighting, sigmas)), sigmas
+
+    # ---------------------------------------------------------------- periodic work
+    def maybe_log(self, window: "_Window", bar: tqdm) -> None:
+        if self.step % self.cfg.logging_steps and self.step != self.cfg.max_train_steps:
+            return
+        row = window.flush(self.accelerator)  # the only host sync of the step
+        row.update(step=self.step, epoch=self.stream.epoch_of(self.position), lr=self.lr_scheduler.get_last_lr()[0])
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        if self.accelerator.is_main_process:
+            self.log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
+
+    def maybe_checkpoint(self) -> None:
+        cfg = self.cfg
+        if self.step % cfg.checkpointing_steps and self.step != cfg.max_train_steps:
+            return
+        state = {"step": self.step, "position": self.position, "world_size": self.accelerator.num_processes,
+                 "seed": cfg.seed}
+        save_checkpoint(self.accelerator, self.out, self.step, state, lambda d: self.export_lora(d / LORA_FILE),
+                        cfg.checkpoints_total_limit)
+
+    def maybe_preview(self, force: bool = False) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        if not cfg.validation_steps or not self.cache.validation:
+            return
+        if not force and self.step % cfg.validation_steps and self.step != cfg.max_train_steps:
+            return
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            images = self.render_previews()
+            folder = self.out / "samples" / f"step-{self.step:06d}"
+            for i, ((prompt, _), image) in enumerate(zip(self.cache.validation, images)):
+                save_png(image, folder / f"{i:02d}.png", {"prompt": prompt, "seed": cfg.validation_seed + i,
+                                                          "step": self.step})
+            self.preview_rounds.append((self.step, images))
+            self._log_images(images)
+        acc.wait_for_everyone()
+
+    def render_previews(self) -> list:
+        cfg = self.cfg
+        if self._preview_models is None:
+            self._preview_models = load_vae_and_scheduler(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                                          dtype=self.weight_dtype)
+            self._preview_models[0].to(self.device)
+        vae, scheduler = self._preview_models
+        pipe = embeddings_pipeline(self.accelerator.unwrap_model(self.transformer), vae, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        embeddings = [self.cache.text(cid) for _, cid in self.cache.validation]
+        with self.accelerator.autocast(), attention_backends(self.device):
+            return render_from_embeddings(pipe, embeddings, width=cfg.validation_width,
+                                          height=cfg.validation_height, steps=cfg.validation_inference_steps,
+                                          guidance_scale=cfg.validation_guidance_scale, seed=cfg.validation_seed,
+                                          device=self.device)
+
+    def _log_images(self, images: list) -> None:
+        prompts = [p for p, _ in self.cache.validation]
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                import wandb
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]},
+                            step=self.step)
+            elif tracker.name == "tensorboard":
+                import numpy as np
+                for i, im in enumerate(images):
+                    tracker.writer.add_image(f"validation/{i}", np.asarray(im), self.step, dataformats="HWC")
+
+    # ---------------------------------------------------------------- outputs
+    def export_lora(self, path: Path) -> Path:
+        cfg = self.cfg
+        meta = {"base_model": cfg.pretrained_model_name_or_path, "rank": str(cfg.rank), "alpha": str(cfg.alpha),
+                "steps": str(self.step), "trigger_phrase": str(self.cache.fingerprint.get("trigger_phrase", "")),
+                "lora_layers": ",".join(cfg.lora_layers)}
+        return save_lora(path, self.accelerator.unwrap_model(self.transformer), metadata=meta)
+
+    def finish(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        lora = self.out / LORA_FILE
+        if acc.is_main_process:
+            self.export_lora(lora)
+            self.log.close()
+            plot_loss_curve(read_jsonl(self.out / "logs.jsonl"), self.out / "loss_curve.png")
+            if self.preview_rounds:
+                grid = image_grid([imgs for _, imgs in self.preview_rounds],
+                                  [f"step {s}" for s, _ in self.preview_rounds])
+                grid.save(self.out / "samples_grid.png")
+        acc.end_training()
+        return lora
+
+
+class _Window:
+    """Loss and throughput since the last log row, kept on the device until read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.grad_norm: torch.Tensor | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.sigma_sum = torch.zeros((), device=self.device)
+        self.batches = 0
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, sigmas: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss.float()
+        self.sigma_sum += sigmas.float().mean()
+        self.batches += 1
+        self.images += images
+
+    def flush(self, acc: Accelerator) -> dict[str, Any]:
+        stats = torch.stack([self.loss_sum / self.batches, self.sigma_sum / self.batches])
+        stats = acc.reduce(stats, reduction="mean")  # averaged over processes
+        images = acc.reduce(torch.tensor(float(self.images), device=self.device), reduction="sum")
+        elapsed = time.perf_counter() - self.start
+        row = {"loss": stats[0].item(), "sigma": stats[1].item(), "images_per_s": images.item() / elapsed}
+        if self.grad_norm is not None:
+            row["grad_norm"] = float(self.grad_norm)
+        self._reset()
+        return row
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Tracker-friendly config: lists as strings."""
+    return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).run()
