@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from .config import SampleConfig
-from .lora_io import check_lora_keys, read_lora
+from .lora_io import check_lora_keys, read_lora_as_diffusers
 from .models import DTYPES, attention_backends
 
 
@@ -119,10 +119,10 @@ def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
                                         variant=cfg.variant, dtype=DTYPES[cfg.mixed_precision])
     names = []
     for i, path in enumerate(cfg.lora):
-        state, _ = read_lora(path)
-        check_lora_keys(pipe.transformer, state)  # a clear error for a LoRA of another model
+        state = read_lora_as_diffusers(path)  # kohya files too: diffusers' own converter drops layers
+        check_lora_keys(pipe.transformer, state, source=f"--lora {path}")  # a LoRA of another model
         name = f"lora{i}"
-        pipe.load_lora_weights(path, adapter_name=name)
+        pipe.load_lora_weights(state, adapter_name=name)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=cfg.lora_scale or [1.0] * len(names))
