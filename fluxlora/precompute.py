@@ -1,0 +1,624 @@
+"""Build the embedding cache (fluxlora.cache): VAE posteriors of every image, T5/CLIP of every caption.
+
+The work is split into shards by listing position, independent of the number of processes:
+image shard k holds samples [k * shard_size, (k + 1) * shard_size) of the dataset listing, text
+shard k holds captions [k * shard_size, ...) of the caption set sorted by caption_id, and shard k
+of either kind is done by rank k % world_size. Shard names depend only on k and the fingerprint,
+and a shard's contents only on its samples, so any number of processes writes the same files.
+
+Each shard is written to a temporary name, fsynced and renamed, then its JSON index likewise: the
+index marks it finished. A rerun redoes only shards without a matching index (same planned
+samples, same sha256), so an interrupted run resumes where it stopped. When every rank is done,
+the main process merges the indexes into manifest.json.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image, ImageOps
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from fluxlora import buckets
+from fluxlora.cache import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORED_DTYPE, TMP_SUFFIX,
+                            fingerprint_hash, image_key, index_name, normalize_fingerprint_value, sha256_file,
+                            shard_name, text_keys, write_atomic)
+from fluxlora.config import ConfigError, PrecomputeConfig
+from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
+
+OXEN_PREFIX = "oxen:"
+# T5 tokens FLUX.1 was trained with: FluxPipeline's default for dev; schnell's pipeline docs use 256.
+MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
+_SHARD_FILE = re.compile(r"^(text|images)-\d{5}-[0-9a-f]{12}(\.safetensors|\.json)$")
+
+
+class PrecomputeError(RuntimeError):
+    """A failure the user fixes in the data: an unreadable or unreachable --dataset, or --strict with
+    skipped samples.
+
+    The message names the flag or lists the samples.
+    """
+
+
+@dataclass
+class _Sample:
+    """One listed sample: the raw record, and its final caption or why it has none."""
+
+    raw: RawSample
+    caption: str | None
+    skip_reason: str | None
+
+
+@dataclass
+class _ImageShard:
+    index: int
+    name: str
+    samples: list[_Sample]
+    plan: str = ""
+
+
+@dataclass
+class _TextShard:
+    index: int
+    name: str
+    captions: dict[str, str]  # caption_id -> caption, sorted by caption_id
+    plan: str = ""
+
+
+@dataclass
+class PrecomputeResult:
+    """What one process did: which of its shards it wrote and which it found finished."""
+
+    written: list[str]
+    reused: list[str]
+    manifest: dict[str, Any] | None  # on the main process; None elsewhere
+    summary: str | None
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def resolve_dataset(cfg: PrecomputeConfig, accelerator: Accelerator) -> str:
+    """What to list samples from: --dataset itself, or the local copy of an oxen: dataset.
+
+    Raises:
+        PrecomputeError: the Oxen download failed (the message says what to check).
+    """
+    if not cfg.dataset.startswith(OXEN_PREFIX):
+        return cfg.dataset
+    from fluxlora.oxen import OxenError, fetch_dataset  # imported here: only oxen: datasets need oxenai
+
+    repo = cfg.dataset[len(OXEN_PREFIX):]
+    # One download into the shared location; the other ranks then find it in place.
+    with accelerator.main_process_first():
+        try:
+            return str(fetch_dataset(repo, revision=cfg.oxen_revision, host=cfg.oxen_host))
+        except OxenError as err:
+            raise PrecomputeError(str(err)) from err
+
+
+def list_samples(dataset: str, cfg: PrecomputeConfig) -> list[_Sample]:
+    """Every sample of the dataset in listing order, with its final caption (no image decoding).
+
+    Raises:
+        PrecomputeError: the dataset cannot be read as a whole (no such path, a missing column,
+            no images); the message names the flag, as fluxlora.data words it.
+    """
+    samples = []
+    try:
+        for raw in iter_samples(dataset, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                split=cfg.split):
+            try:
+                caption = build_caption(raw.caption, raw.source, trigger_phrase=cfg.trigger_phrase,
+                                        prefix=cfg.caption_prefix, suffix=cfg.caption_suffix)
+                samples.append(_Sample(raw, caption, None))
+            except SkipSample as skip:
+                samples.append(_Sample(raw, None, skip.reason))
+    except (FileNotFoundError, ValueError) as err:
+        raise PrecomputeError(str(err)) from err
+    if not samples:
+        raise PrecomputeError(f"--dataset {cfg.dataset}: holds no samples")
+    return samples
+
+
+def _read_model_config(cfg: PrecomputeConfig, subfolder: str) -> dict[str, Any]:
+    """<model>/<subfolder>/config.json of a local folder or hub repo (no diffusers import: it takes
+    seconds, and a rerun with every shard finished loads no model)."""
+    from huggingface_hub import hf_hub_download
+
+    model = Path(cfg.pretrained_model_name_or_path).expanduser()
+    if model.is_dir():
+        path = model / subfolder / "config.json"
+    else:
+        path = Path(hf_hub_download(cfg.pretrained_model_name_or_path, "config.json", subfolder=subfolder,
+                                    revision=cfg.revision))
+    return json.loads(path.read_text())
+
+
+def model_configs(cfg: PrecomputeConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(VAE config, transformer config or None if the model has none) without loading weights.
+
+    Raises:
+        ConfigError: the model (or its VAE config) cannot be found.
+    """
+    model = cfg.pretrained_model_name_or_path
+    if Path(model).expanduser().is_file():
+        raise ConfigError("pretrained_model_name_or_path", f"{model} is a single file; precomputing needs the "
+                                                           f"text encoders and the VAE: give a diffusers folder "
+                                                           f"or hub id of FLUX.1")
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        vae_config = _read_model_config(cfg, "vae")
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        raise ConfigError("pretrained_model_name_or_path",
+                          f"cannot load the VAE config of {model} ({err}); give a diffusers folder or a hub id "
+                          f"that is downloaded or reachable") from err
+    missing = [key for key in ("scaling_factor", "shift_factor") if vae_config.get(key) is None]
+    if missing:
+        raise ConfigError("pretrained_model_name_or_path", f"{model}: the VAE config has no {' or '.join(missing)}; "
+                                                           f"is this a FLUX.1 model?")
+    try:
+        transformer_config = _read_model_config(cfg, "transformer")
+    except (OSError, ValueError, EntryNotFoundError):
+        transformer_config = None  # text encoders + VAE only: fall back to the model name
+    return vae_config, transformer_config
+
+
+def resolve_max_sequence_length(cfg: PrecomputeConfig, transformer_config: dict[str, Any] | None) -> int:
+    """--max_sequence_length, else 256 for schnell (no guidance embedding / "schnell" in the name), else 512."""
+    if cfg.max_sequence_length is not None:
+        return cfg.max_sequence_length
+    if transformer_config is not None and "guidance_embeds" in transformer_config:
+        schnell = not transformer_config["guidance_embeds"]
+    else:
+        schnell = "schnell" in cfg.pretrained_model_name_or_path.lower()
+    return MAX_SEQUENCE_LENGTH["schnell" if schnell else "dev"]
+
+
+def read_validation_prompts(cfg: PrecomputeConfig) -> list[str]:
+    """--validation_prompts then the non-blank lines of --validation_prompts_file, first occurrence kept."""
+    prompts = list(cfg.validation_prompts)
+    if cfg.validation_prompts_file:
+        prompts += [line.strip() for line in Path(cfg.validation_prompts_file).read_text().splitlines()]
+    return list(dict.fromkeys(p for p in prompts if p.strip()))
+
+
+def make_fingerprint(cfg: PrecomputeConfig, max_sequence_length: int) -> dict[str, Any]:
+    """Everything the cached tensors depend on (keys are precompute flags, except the fixed ones)."""
+    flags = {
+        "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
+        "revision": cfg.revision,
+        "variant": cfg.variant,
+        "resolutions": cfg.resolutions,
+        "max_aspect": cfg.max_aspect,
+        "max_upscale": cfg.max_upscale,
+        "max_sequence_length": max_sequence_length,
+        "trigger_phrase": cfg.trigger_phrase,
+        "caption_prefix": cfg.caption_prefix,
+        "caption_suffix": cfg.caption_suffix,
+        "flip_copies": cfg.flip_copies,
+    }
+    fingerprint = {key: normalize_fingerprint_value(key, value) for key, value in flags.items()}
+    return {"format_version": FORMAT_VERSION, "dtype": "bf16", "crop": "center", **fingerprint}
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    for index, start in enumerate(range(0, len(items), size)):
+        yield index, items[start:start + size]
+
+
+def _read_index(out_dir: Path, shard: str, plan: str) -> dict[str, Any] | None:
+    """The shard's JSON index if the shard is finished: index present, same plan, file with its sha256."""
+    try:
+        index = json.loads((out_dir / index_name(shard)).read_text())
+    except (OSError, ValueError):
+        return None
+    file = out_dir / shard
+    if index.get("plan") != plan or not file.is_file() or file.stat().st_size != index.get("size"):
+        return None
+    return index if sha256_file(file) == index.get("sha256") else None
+
+
+def _write_shard(out_dir: Path, shard: str, tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
+    """Write the safetensors shard, then its index (the completion marker), each atomically."""
+    # One metadata key: safetensors writes a metadata map in hash order, which would make equal
+    # shards differ in bytes (and sha256) from run to run.
+    data = save_safetensors(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+    index = {**index, "shard": shard, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    write_atomic(out_dir / shard, data)
+    write_atomic(out_dir / index_name(shard), json.dumps(index, indent=1, sort_keys=True).encode())
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves memory and is what FLUX runs in; the CPU keeps fp32 (bf16 matmuls there are slow).
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device) -> Any:
+    """FluxPipeline with only the tokenizers and text encoders (no transformer, no VAE)."""
+    from diffusers import FluxPipeline
+
+    try:
+        pipe = FluxPipeline.from_pretrained(cfg.pretrained_model_name_or_path, transformer=None, vae=None,
+                                            revision=cfg.revision, variant=cfg.variant,
+                                            dtype=_compute_dtype(device))
+    except (OSError, ValueError) as err:
+        raise ConfigError("pretrained_model_name_or_path", f"cannot load the text encoders of "
+                                                           f"{cfg.pretrained_model_name_or_path}: {err}") from err
+    return pipe.to(device)
+
+
+def _load_vae(cfg: PrecomputeConfig, device: torch.device) -> Any:
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="vae",
+                                            revision=cfg.revision, variant=cfg.variant,
+                                            dtype=_compute_dtype(device))
+    except (OSError, ValueError) as err:
+        raise ConfigError("pretrained_model_name_or_path", f"cannot load the VAE of "
+                                                           f"{cfg.pretrained_model_name_or_path}: {err}") from err
+    return vae.to(device).eval()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that shares no storage (mean/std are strided views of one moments tensor)."""
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+@torch.inference_mode()
+def encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: int,
+                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FluxPipeline.encode_prompt on `captions` in batches, moved to the CPU as bf16.
+
+    Returns:
+        Per caption: (T5 last_hidden_state [max_sequence_length, d_model], CLIP pooler_output [hidden]).
+    """
+    out = []
+    for start in range(0, len(captions), batch_size):
+        batch = list(captions[start:start + batch_size])
+        t5, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=pipe.text_encoder.device,
+                                           max_sequence_length=max_sequence_length)
+        t5, pooled = t5.to("cpu", STORED_DTYPE), pooled.to("cpu", STORED_DTYPE)
+        # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
+        out += [(_own(t5[i]), _own(pooled[i])) for i in range(len(batch))]
+    return out
+
+
+@torch.inference_mode()
+def encode_images(vae: Any, images: Sequence[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """VAE posterior of same-size RGB images, before FLUX's shift/scale.
+
+    Returns:
+        Per image: (mean, std), each [16, H / 8, W / 8] bf16 on the CPU.
+    """
+    pixels = torch.stack([buckets.pixels_to_tensor(image) for image in images])  # [B, 3, H, W] in [-1, 1]
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    mean, std = dist.mean.to("cpu", STORED_DTYPE), dist.std.to("cpu", STORED_DTYPE)
+    return [(_own(mean[i]), _own(std[i])) for i in range(len(images))]
+
+
+@dataclass
+class _ImageData:
+    """A sample's image bytes and sample_id, or why there are none."""
+
+    blob: bytes | None
+    sample_id: str | None
+    error: str | None
+
+
+def _plan_image_shard(shard: _ImageShard) -> list[_ImageData]:
+    """Read the shard's image bytes and set its plan digest (sources, sample ids, skips).
+
+    The plan says what a finished shard must hold; an index with another plan (images or
+    captions changed since) is not reused.
+    """
+    data = []
+    for sample in shard.samples:
+        item = _ImageData(None, None, None)
+        if sample.caption is not None:
+            try:
+                item.blob = sample.raw.read_bytes()
+                item.sample_id = sample_id(item.blob, sample.caption)
+            except SkipSample as skip:
+                item.error = skip.reason
+        data.append(item)
+    shard.plan = _digest([[s.raw.source, d.sample_id, s.skip_reason or d.error] for s, d in zip(shard.samples, data)])
+    return data
+
+
+def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cfg: PrecomputeConfig,
+                        resolutions: list[int], progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decode, bucket, (flip,) and VAE-encode one image shard; returns its tensors and index."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[dict[str, Any]] = []
+    skips: list[dict[str, str]] = []
+    resolution_skips: list[dict[str, Any]] = []
+    first_source: dict[str, str] = {}
+    queues: dict[tuple[int, int], list[tuple[str, Image.Image]]] = defaultdict(list)
+
+    def flush(size: tuple[int, int]) -> None:
+        items = queues.pop(size)
+        for (key, _), (mean, std) in zip(items, encode_images(vae, [image for _, image in items])):
+            tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean, std
+
+    for sample, item in zip(shard.samples, data):
+        progress.update(1)
+        source, sid = sample.raw.source, item.sample_id
+        if item.blob is None or sid is None:  # no caption, or the bytes could not be read
+            skips.append({"source": source, "reason": sample.skip_reason or item.error})
+            continue
+        if sid in first_source:
+            skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and caption)"})
+            continue
+        first_source[sid] = source
+        try:
+            image = load_image(item.blob, source)
+        except SkipSample as skip:
+            skips.append({"source": source, "reason": skip.reason})
+            continue
+        width, height = image.size
+        kept, needed = 0, []
+        for resolution in resolutions:
+            bucket = buckets.nearest_bucket(width, height, resolution, cfg.max_aspect)
+            factor = buckets.upscale_factor(width, height, bucket)
+            if factor > cfg.max_upscale:
+                needed.append((resolution, bucket, factor))
+                continue
+            kept += 1
+            for flipped in ((False, True) if cfg.flip_copies else (False,)):
+                # Flip the decoded image, then bucket it: the copy is exactly a mirrored image's encoding.
+                pil = buckets.resize_to_bucket(ImageOps.mirror(image) if flipped else image, bucket)
+                key = image_key(sid, resolution, flipped)
+                entries.append({"sample_id": sid, "caption_id": caption_id(sample.caption), "resolution": resolution,
+                                "width": bucket[0], "height": bucket[1], "flipped": flipped,
+                                "shard": shard.name, "source": source})
+                queues[bucket].append((key, pil))
+                if len(queues[bucket]) >= cfg.vae_batch_size:
+                    flush(bucket)
+        if not kept:
+            smallest = min(factor for _, _, factor in needed)
+            skips.append({"source": source, "reason": f"{width}x{height} pixels would need {smallest:.2f}x upscaling "
+                                                      f"even at the smallest resolution (> --max_upscale "
+                                                      f"{cfg.max_upscale:g})"})
+        else:
+            resolution_skips += [{"source": source, "resolution": res, "reason": f"{width}x{height} pixels would "
+                                  f"need {factor:.2f}x upscaling to {b[0]}x{b[1]} (> --max_upscale "
+                                  f"{cfg.max_upscale:g})"} for res, b, factor in needed]
+    for size in sorted(queues):
+        flush(size)
+    index = {"kind": "images", "index": shard.index, "plan": shard.plan, "samples": len(shard.samples),
+             "entries": entries, "skips": skips, "resolution_skips": resolution_skips}
+    return tensors, index
+
+
+def _encode_text_shard(pipe: Any, shard: _TextShard, cfg: PrecomputeConfig, max_sequence_length: int,
+                       progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    ids = list(shard.captions)
+    for start in range(0, len(ids), cfg.text_batch_size):
+        batch = ids[start:start + cfg.text_batch_size]
+        encoded = encode_captions(pipe, [shard.captions[c] for c in batch], max_sequence_length, cfg.text_batch_size)
+        for cid, (t5, pooled) in zip(batch, encoded):
+            t5_key, clip_key = text_keys(cid)
+            tensors[t5_key], tensors[clip_key] = t5, pooled
+        progress.update(len(batch))
+    return tensors, {"kind": "text", "index": shard.index, "plan": shard.plan, "captions": shard.captions}
+
+
+def _merge(out_dir: Path, cfg: PrecomputeConfig, fingerprint: dict[str, Any], vae_config: dict[str, Any],
+           text_shards: list[_TextShard], image_shards: list[_ImageShard], validation: list[str],
+           samples: int) -> dict[str, Any]:
+    """The manifest from every shard's index (all shards are finished when this runs)."""
+    shards: dict[str, dict[str, Any]] = {}
+    texts: dict[str, dict[str, str]] = {}
+    images: list[dict[str, Any]] = []
+    skips: list[dict[str, str]] = []
+    resolution_skips: list[dict[str, Any]] = []
+    first_source: dict[str, str] = {}
+
+    def load(name: str) -> dict[str, Any]:
+        index = json.loads((out_dir / index_name(name)).read_text())
+        shards[name] = {"sha256": index["sha256"], "size": index["size"]}
+        return index
+
+    for text_shard in text_shards:
+        texts.update({cid: {"shard": text_shard.name, "caption": caption}
+                      for cid, caption in load(text_shard.name)["captions"].items()})
+    for image_shard in image_shards:
+        index = load(image_shard.name)
+        skips += index["skips"]
+        resolution_skips += index["resolution_skips"]
+        by_sample: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for entry in index["entries"]:
+            by_sample[entry["sample_id"]].append(entry)
+        for sid, entries in by_sample.items():  # dicts keep insertion (= listing) order
+            source = entries[0]["source"]
+            if sid in first_source:  # the same image and caption in an earlier shard
+                skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and caption)"})
+                continue
+            first_source[sid] = source
+            images += entries
+    per_resolution = Counter(e["resolution"] for e in images)
+    per_bucket: dict[int, Counter] = defaultdict(Counter)
+    for e in images:
+        per_bucket[e["resolution"]][f"{e['width']}x{e['height']}"] += 1
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "args": asdict(cfg),
+        "vae_scaling_factor": float(vae_config["scaling_factor"]),
+        "vae_shift_factor": float(vae_config["shift_factor"]),
+        "max_sequence_length": fingerprint["max_sequence_length"],
+        "empty_caption_id": caption_id(""),
+        "validation": [[prompt, caption_id(prompt)] for prompt in validation],
+        "texts": texts,
+        "images": images,
+        "shards": shards,
+        "skips": skips,
+        "resolution_skips": resolution_skips,
+        "counts": {
+            "samples": samples,
+            "images": len(first_source),
+            "entries": len(images),
+            "captions": len(texts),
+            "skipped": len(skips),
+            # JSON keys are strings: resolutions as "512", buckets as "WxH".
+            "per_resolution": {str(res): n for res, n in sorted(per_resolution.items())},
+            "per_bucket": {str(res): dict(sorted(c.items())) for res, c in sorted(per_bucket.items())},
+            "resolution_skips": dict(Counter(str(s["resolution"]) for s in resolution_skips)),
+        },
+    }
+
+
+def format_summary(manifest: dict[str, Any], out_dir: Path) -> str:
+    """Human-readable summary: images, entries per resolution and bucket, skips with reasons."""
+    counts = manifest["counts"]
+    lines = [(f"Cached {counts['images']} of {counts['samples']} images ({counts['entries']} entries) and "
+              f"{counts['captions']} captions in {out_dir}")]
+    for res, n in counts["per_resolution"].items():
+        bucket_counts = ", ".join(f"{b}: {c}" for b, c in counts["per_bucket"][res].items())
+        skipped = counts["resolution_skips"].get(res, 0)
+        lines.append(f"  {res}: {n} entries ({bucket_counts})"
+                     + (f"; {skipped} images not cached at this resolution (would need more than "
+                        f"--max_upscale {manifest['fingerprint']['max_upscale']:g}x upscaling)" if skipped else ""))
+    if manifest["skips"]:
+        lines.append(f"Skipped {len(manifest['skips'])} images:")
+        lines += [f"  {s['source']}: {s['reason']}" for s in manifest["skips"]]
+    return "\n".join(lines)
+
+
+def _remove_stale(out_dir: Path, keep: set[str]) -> int:
+    """Delete shard files of other fingerprints or past plans and leftover temporary files."""
+    removed = 0
+    for file in out_dir.iterdir():
+        stale_shard = _SHARD_FILE.match(file.name) and file.name not in keep
+        leftover_tmp = file.name.startswith(".") and file.name.endswith(TMP_SUFFIX)
+        if file.is_file() and (stale_shard or leftover_tmp):
+            file.unlink()
+            removed += 1
+    return removed
+
+
+def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
+    """Build (or finish) the cache at cfg.embeddings_dir; call on every process.
+
+    Returns:
+        This process's PrecomputeResult; the manifest and summary on the main process.
+
+    Raises:
+        ConfigError: --pretrained_model_name_or_path or --resolutions is unusable.
+        PrecomputeError: --dataset cannot be read; or --strict and some samples were skipped (main
+            process; the manifest is then not written).
+    """
+    out_dir = Path(cfg.embeddings_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae_config, transformer_config = model_configs(cfg)
+    max_sequence_length = resolve_max_sequence_length(cfg, transformer_config)
+    fingerprint = make_fingerprint(cfg, max_sequence_length)
+    fp_hash = fingerprint_hash(fingerprint)
+    resolutions = fingerprint["resolutions"]
+    for resolution in resolutions:  # fails here, before any model loads, on resolutions buckets refuse
+        try:
+            buckets.bucket_table(resolution, cfg.max_aspect)
+        except ValueError as err:
+            raise ConfigError("resolutions", str(err)) from err
+
+    samples = list_samples(resolve_dataset(cfg, accelerator), cfg)
+    validation = read_validation_prompts(cfg)
+    captions = {caption_id(s.caption): s.caption for s in samples if s.caption is not None}
+    captions.update({caption_id(text): text for text in ["", *validation]})
+    sorted_captions = sorted(captions.items())
+    text_shards = [_TextShard(k, shard_name("text", k, fp_hash), dict(chunk))
+                   for k, chunk in _chunks(sorted_captions, cfg.shard_size)]
+    for shard in text_shards:
+        shard.plan = _digest(sorted(shard.captions.items()))
+    image_shards = [_ImageShard(k, shard_name("images", k, fp_hash), list(chunk))
+                    for k, chunk in _chunks(samples, cfg.shard_size)]
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    written: list[str] = []
+    reused: list[str] = []
+    pending_text: list[_TextShard] = []
+    for shard in text_shards[rank::world]:
+        if _read_index(out_dir, shard.name, shard.plan):
+            reused.append(shard.name)
+        else:
+            pending_text.append(shard)
+    pending_images: list[_ImageShard] = []
+    for shard in image_shards[rank::world]:
+        _plan_image_shard(shard)  # the bytes are read again when encoding: never all in memory at once
+        if _read_index(out_dir, shard.name, shard.plan):
+            reused.append(shard.name)
+        else:
+            pending_images.append(shard)
+    if pending_text or pending_images:
+        # The old manifest would describe shards about to be replaced; it returns when all are done.
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    device = accelerator.device
+    show = accelerator.is_main_process
+    pipe = _load_text_pipeline(cfg, device) if pending_text else None
+    vae = _load_vae(cfg, device) if pending_images and not cfg.sequential_models else None
+    if pending_text:
+        with tqdm(total=sum(len(s.captions) for s in pending_text), unit="caption", desc="T5+CLIP",
+                  disable=not show) as progress:
+            for shard in pending_text:
+                tensors, index = _encode_text_shard(pipe, shard, cfg, max_sequence_length, progress)
+                _write_shard(out_dir, shard.name, tensors, index)
+                written.append(shard.name)
+        del pipe
+        _free(device)
+    if pending_images:
+        vae = vae if vae is not None else _load_vae(cfg, device)
+        with tqdm(total=sum(len(s.samples) for s in pending_images), unit="img", desc="VAE",
+                  disable=not show) as progress:
+            for shard in pending_images:
+                tensors, index = _encode_image_shard(vae, shard, _plan_image_shard(shard), cfg, resolutions,
+                                                     progress)
+                _write_shard(out_dir, shard.name, tensors, index)
+                written.append(shard.name)
+        del vae
+        _free(device)
+
+    accelerator.wait_for_everyone()
+    manifest = summary = None
+    failure = None
+    if accelerator.is_main_process:
+        manifest = _merge(out_dir, cfg, fingerprint, vae_config, text_shards, image_shards, validation, len(samples))
+        summary = format_summary(manifest, out_dir)
+        print(summary, flush=True)
+        if cfg.strict and manifest["skips"]:
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # from an earlier, non-strict build
+            failure = (f"--strict: {len(manifest['skips'])} images were skipped, so no {MANIFEST_NAME} was written "
+                       f"to {out_dir} (finished shards are kept; fix or remove these and rerun):\n"
+                       + "\n".join(f"  {s['source']}: {s['reason']}" for s in manifest["skips"]))
+        else:
+            write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+            keep = set(manifest["shards"]) | {index_name(name) for name in manifest["shards"]}
+            removed = _remove_stale(out_dir, keep)
+            if removed:
+                print(f"Removed {removed} files of earlier builds or interrupted writes from {out_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    if failure:
+        raise PrecomputeError(failure)
+    return PrecomputeResult(written=written, reused=reused, manifest=manifest, summary=summary)
