@@ -5,6 +5,7 @@
 """
 import sys
 
+import torch
 from accelerate import Accelerator
 
 from fluxlora.config import SampleConfig, parse_config
@@ -13,7 +14,7 @@ from fluxlora.sampling import run_sample
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SampleConfig, argv, description=__doc__)
-    out = run_sample(cfg, Accelerator())
+    out = run_sample(cfg, Accelerator(cpu=not torch.cuda.is_available()))
     print(f"samples: {out}", file=sys.stderr)
 
 

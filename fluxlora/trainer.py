@@ -34,6 +34,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # CPU processes of `accelerate launch` then join one gloo group
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,

@@ -39,3 +39,33 @@ def demo_dir():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "demo"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test builds its own Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory, tiny_flux_dev, demo_dir):
+    """The demo dataset cached at 64 px with 32 T5 tokens (fast to train on), plus 2 validation prompts."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from fluxlora import precompute
+    from fluxlora.config import PrecomputeConfig
+
+    out = tmp_path_factory.mktemp("demo-cache")
+    cfg = PrecomputeConfig(dataset=str(demo_dir / "images"), embeddings_dir=str(out),
+                           pretrained_model_name_or_path=str(tiny_flux_dev), resolutions=[64],
+                           max_sequence_length=32, validation_prompts_file=str(demo_dir / "validation_prompts.txt"))
+    cfg.validate()
+    precompute.run(cfg, Accelerator(cpu=True))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out

@@ -1,0 +1,204 @@
+"""The trainer end to end on the tiny model: learning, resuming, outputs that diffusers loads."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+from fluxlora import flow
+from fluxlora.cache import CacheError, EmbeddingCache
+from fluxlora.config import TrainConfig
+from fluxlora.metrics import read_jsonl
+from fluxlora.trainer import LORA_FILE, Trainer, train
+
+
+def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
+                  mixed_precision="no", max_train_steps=8, checkpointing_steps=4, validation_steps=0,
+                  learning_rate=1e-3, seed=7)
+    cfg = TrainConfig(**{**values, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_loss_falls_on_demo_set(demo_cache, tiny_flux_dev, tmp_path):
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=60, checkpointing_steps=60,
+                   optimizer="adamw", train_batch_size=2)
+    train(cfg)
+    losses = [row["loss"] for row in read_jsonl(tmp_path / "run" / "logs.jsonl")]
+    assert len(losses) == 60
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.9 * first, (first, last)
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+def test_resume_matches_uninterrupted_run(demo_cache, tiny_flux_dev, tmp_path, monkeypatch):
+    """Killed after step 5 (checkpoint at 4), resumed from 'latest': the same LoRA as one run.
+
+    Gradient accumulation, batches of 2, caption dropout, 8-bit AdamW and a cosine schedule with
+    warmup all carry state that a resume must restore exactly.
+    """
+    common = dict(max_train_steps=8, checkpointing_steps=4, gradient_accumulation_steps=2, train_batch_size=2,
+                  caption_dropout=0.3, lr_scheduler="cosine", lr_warmup_steps=2)
+    train(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "whole", **common))
+    reset_accelerate()
+
+    class Killed(Exception):
+        pass
+
+    original = Trainer.maybe_checkpoint
+
+    def kill_after_step_5(self):
+        original(self)
+        if self.step == 5:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "maybe_checkpoint", kill_after_step_5)
+    with pytest.raises(Killed):
+        train(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "split", **common))
+    monkeypatch.setattr(Trainer, "maybe_checkpoint", original)
+    reset_accelerate()
+    train(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "split", resume_from_checkpoint="latest", **common))
+
+    whole = load_file(tmp_path / "whole" / "checkpoint-8" / "adapter_fp32.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoint-8" / "adapter_fp32.safetensors")
+    assert whole.keys() == split.keys()
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=0, atol=1e-6, msg=key)
+    assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)  # it did train
+    # the log reads as one run: steps 1..8 once each, and the same losses
+    rows = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "whole" / "logs.jsonl")}
+    split_rows = read_jsonl(tmp_path / "split" / "logs.jsonl")
+    assert [r["step"] for r in split_rows] == list(range(1, 9))
+    for r in split_rows:
+        assert r["loss"] == pytest.approx(rows[r["step"]], abs=1e-6)
+
+
+def test_lora_file_loads_in_flux_pipeline_and_changes_output(demo_cache, tiny_flux_dev, tmp_path, caplog):
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=6, checkpointing_steps=3,
+                   optimizer="adamw", learning_rate=5e-3)
+    lora = train(cfg)
+    assert lora == tmp_path / "run" / LORA_FILE
+    keys = load_file(lora).keys()
+    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    assert not any("base_model" in k or "module." in k or "_orig_mod" in k for k in keys)
+    assert (tmp_path / "run" / "checkpoint-3" / LORA_FILE).is_file()
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev, dtype=torch.float32)
+    kwargs = dict(prompt="a red circle", height=64, width=64, num_inference_steps=3, output_type="latent")
+    base = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(lora)
+    assert not [r for r in caplog.records if "led to unexpected keys" in r.getMessage()
+                or "missing keys" in r.getMessage().lower()]
+    # every tensor of the file landed in the adapter, and the adapter has no other LoRA weights
+    params = {n.replace(".default_0", ""): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    saved = load_file(lora)
+    assert set(params) == {k.removeprefix("transformer.") for k in saved}
+    for key, value in saved.items():
+        torch.testing.assert_close(params[key.removeprefix("transformer.")].detach(), value.float())
+    peft_config = pipe.transformer.peft_config["default_0"]
+    assert peft_config.r == 16 and peft_config.lora_alpha == 16
+    with_lora = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (with_lora - base).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_overfit_one_image_moves_samples_towards_it(tiny_flux_dev, demo_dir, tmp_path):
+    """A LoRA overfit on one image pulls FluxPipeline's samples (its caption, fixed seeds) closer to
+    that image's latents than the base model's samples are."""
+    from accelerate import Accelerator
+
+    from fluxlora import precompute
+    from fluxlora.config import PrecomputeConfig
+
+    data = tmp_path / "one"
+    data.mkdir()
+    for suffix in (".jpg", ".txt"):
+        shutil.copy(demo_dir / "images" / f"01_red_circle{suffix}", data / f"01_red_circle{suffix}")
+    pcfg = PrecomputeConfig(dataset=str(data), embeddings_dir=str(tmp_path / "cache"),
+                            pretrained_model_name_or_path=str(tiny_flux_dev), resolutions=[64],
+                            max_sequence_length=32)
+    precompute.run(pcfg, Accelerator(cpu=True))
+    reset_accelerate()
+    cfg = make_cfg(tmp_path / "cache", tiny_flux_dev, tmp_path / "run", max_train_steps=400,
+                   checkpointing_steps=400, optimizer="adamw", logging_steps=50)
+    lora = train(cfg)
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    (entry,) = cache.entries
+    mean, _ = cache.latent_dist(entry)
+    target = flow.pack_latents(((mean.float() - cache.vae_shift_factor) * cache.vae_scaling_factor)[None])
+    caption = (data / "01_red_circle.txt").read_text().strip()
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev, dtype=torch.float32)
+
+    def distance() -> float:
+        total = 0.0
+        for seed in range(4):
+            out = pipe(prompt=caption, height=64, width=64, num_inference_steps=20, max_sequence_length=32,
+                       output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+            total += torch.mean((out - target) ** 2).item()
+        return total / 4
+
+    base = distance()
+    pipe.load_lora_weights(lora)
+    tuned = distance()
+    assert tuned < 0.85 * base, (base, tuned)
+
+
+def test_trainer_refuses_cache_of_another_model(demo_cache, tiny_flux_schnell, tmp_path):
+    cfg = make_cfg(demo_cache, tiny_flux_schnell, tmp_path / "run")
+    with pytest.raises(CacheError, match="pretrained_model_name_or_path"):
+        train(cfg)
+
+
+def test_resume_latest_without_checkpoint_names_the_flag(demo_cache, tiny_flux_dev, tmp_path):
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint"):
+        train(cfg)
+
+
+def test_interrupted_checkpoint_is_never_resumed(demo_cache, tiny_flux_dev, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=2,
+                   checkpoints_total_limit=1, optimizer="adamw"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    # a save killed mid-way: a temporary folder, and a renamed folder without its marker
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-6.tmp")
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-8")
+    (out / "checkpoint-8" / "COMPLETE").unlink()
+    reset_accelerate()
+    trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=6, checkpointing_steps=2,
+                               resume_from_checkpoint="latest", optimizer="adamw"))
+    assert trainer.resumed_from == out / "checkpoint-4"
+    assert trainer.step == 4
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["position"] == 4 and state["world_size"] == 1
+
+
+def test_previews_and_sample_grid(demo_cache, tiny_flux_dev, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=2, checkpointing_steps=2, validation_steps=2,
+                   validation_width=64, validation_height=48, validation_inference_steps=2, optimizer="adamw"))
+    from PIL import Image
+
+    for step in ("step-000000", "step-000002"):
+        pngs = sorted((out / "samples" / step).glob("*.png"))
+        assert len(pngs) == 2
+        image = Image.open(pngs[0])
+        assert image.size == (64, 48)
+        assert image.text["prompt"] == (Path(__file__).parent.parent / "demo" / "validation_prompts.txt") \
+            .read_text().splitlines()[0]
+    assert Image.open(out / "samples_grid.png").size[1] > 2 * 48
