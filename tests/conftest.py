@@ -41,10 +41,9 @@ def demo_dir():
     return Path(__file__).resolve().parent.parent / "demo"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each test builds its own Accelerator."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; a test that builds an Accelerator with other
+    settings (the trainer's) needs them cleared first."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -55,7 +54,6 @@ def _fresh_accelerate_state():
 def demo_cache(tmp_path_factory, tiny_flux_dev, demo_dir):
     """The demo dataset cached at 64 px with 32 T5 tokens (fast to train on), plus 2 validation prompts."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     from fluxlora import precompute
     from fluxlora.config import PrecomputeConfig
@@ -66,6 +64,5 @@ def demo_cache(tmp_path_factory, tiny_flux_dev, demo_dir):
                            max_sequence_length=32, validation_prompts_file=str(demo_dir / "validation_prompts.txt"))
     cfg.validate()
     precompute.run(cfg, Accelerator(cpu=True))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out

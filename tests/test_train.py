@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
@@ -16,6 +15,8 @@ from fluxlora.cache import CacheError, EmbeddingCache
 from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import LORA_FILE, Trainer, train
+
+from .conftest import reset_accelerate
 
 
 def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
@@ -27,9 +28,11 @@ def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
     return cfg
 
 
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 def test_loss_falls_on_demo_set(demo_cache, tiny_flux_dev, tmp_path):

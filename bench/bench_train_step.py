@@ -1,0 +1,163 @@
+"""Time the trainer's own training step on the full FLUX.1-dev architecture (random weights).
+
+Runs `fluxlora.trainer.Trainer.train_step`, the code path of train_flux_lora.py, data loading from a
+synthetic cache on local disk included, and prints one JSON line per configuration with the same
+fields as ../shared/perf/reference_step.py (run that in the same call, on the same card):
+
+    python .perf/reference_step.py --res 512 1024 --batch 1
+    python bench/bench_train_step.py --res 512 1024 --batch 1
+
+Speed does not depend on the weights, so the model is built randomly on the GPU instead of loaded.
+MFU: 2 x forward FLOPs per step (LoRA needs no weight gradients of the frozen base, so the backward
+costs about one forward) over the bf16 matmul rate measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fluxlora import cache as cache_mod  # noqa: E402
+from fluxlora import trainer as trainer_mod  # noqa: E402
+from fluxlora.config import TrainConfig  # noqa: E402
+from fluxlora.sampler import load_batch, prefetch  # noqa: E402
+
+MODEL_ID = "bench/flux1-dev-random"  # stands for the random model; recorded in the synthetic cache
+T5_DIM, CLIP_DIM, LATENT_CHANNELS = 4096, 768, 16
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """The card's bf16 matmul rate on random data (the MFU denominator)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def random_flux_dev(*_args, **_kwargs):
+    """FLUX.1-dev's transformer (the diffusers default config) with random bf16 weights on the GPU."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = FluxTransformer2DModel(guidance_embeds=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.requires_grad_(False)
+
+
+def write_synthetic_cache(folder: Path, res: int, images: int, seq_len: int = 512) -> Path:
+    """A cache in the real format: `images` square entries at `res` with distinct captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"format_version": cache_mod.FORMAT_VERSION, "pretrained_model_name_or_path": MODEL_ID,
+                   "revision": None, "resolutions": [res], "max_sequence_length": seq_len}
+    fp = cache_mod.fingerprint_hash(fingerprint)
+    gen = torch.Generator().manual_seed(0)
+    text_tensors, image_tensors, texts, entries = {}, {}, {}, []
+    image_shard, text_shard = cache_mod.shard_name("images", 0, fp), cache_mod.shard_name("text", 0, fp)
+    for i in range(images + 1):  # caption 0 is the empty caption
+        cid = f"caption{i:04d}"
+        t5_key, clip_key = cache_mod.text_keys(cid)
+        text_tensors[t5_key] = torch.randn(seq_len, T5_DIM, generator=gen).bfloat16()
+        text_tensors[clip_key] = torch.randn(CLIP_DIM, generator=gen).bfloat16()
+        texts[cid] = {"shard": text_shard, "caption": f"caption {i}"}
+    for i in range(images):
+        sid = f"sample{i:04d}"
+        key = cache_mod.image_key(sid, res, False)
+        shape = (LATENT_CHANNELS, res // 8, res // 8)
+        image_tensors[f"{key}.mean"] = torch.randn(shape, generator=gen).bfloat16()
+        image_tensors[f"{key}.std"] = (0.05 * torch.rand(shape, generator=gen)).bfloat16()
+        entries.append({"sample_id": sid, "caption_id": f"caption{i + 1:04d}", "resolution": res, "width": res,
+                        "height": res, "flipped": False, "shard": image_shard, "source": f"synthetic/{i}"})
+    shards = {}
+    for name, tensors in ((image_shard, image_tensors), (text_shard, text_tensors)):
+        cache_mod.write_atomic(folder / name, save(tensors))
+        shards[name] = {"sha256": cache_mod.sha256_file(folder / name), "size": (folder / name).stat().st_size}
+    manifest = {"format": cache_mod.FORMAT_NAME, "version": cache_mod.FORMAT_VERSION, "fingerprint": fingerprint,
+                "args": {}, "vae_scaling_factor": 0.3611, "vae_shift_factor": 0.1159, "max_sequence_length": seq_len,
+                "empty_caption_id": "caption0000", "validation": [], "texts": texts, "images": entries,
+                "shards": shards, "skips": [], "resolution_skips": [], "counts": {}}
+    cache_mod.write_atomic(folder / cache_mod.MANIFEST_NAME, json.dumps(manifest).encode())
+    return folder
+
+
+def forward_flops(trainer: trainer_mod.Trainer, batches) -> int:
+    """FLOPs of one forward of the trainer's model on its own next batch (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, data = next(batches)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, trainer.accelerator.autocast():
+        trainer.loss(batch, data)
+    return counter.get_total_flops()
+
+
+def bench(res: int, batch: int, steps: int, checkpointing: bool, workdir: Path, peak: float) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
+    cfg = TrainConfig(embeddings_dir=str(cache), output_dir=str(workdir / f"run-{res}-{batch}"),
+                      pretrained_model_name_or_path=MODEL_ID, train_batch_size=batch, max_train_steps=10**6,
+                      checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0,
+                      gradient_checkpointing=checkpointing)
+    cfg.validate()
+    trainer_mod.load_transformer = random_flux_dev
+    trainer = trainer_mod.Trainer(cfg)
+    acc = trainer.accelerator
+    batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
+                       lambda b: load_batch(trainer.cache, b, pin=True))
+    window = trainer_mod._Window(trainer.device)
+    flops = forward_flops(trainer, batches)
+    for _ in range(2):
+        trainer.train_step(batches, window)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batches, window)
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - start) / steps
+    loss = window.flush(acc)["loss"]
+    row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), res=res, batch=batch,
+               checkpointing=checkpointing, s_per_step=round(sec, 4), img_per_s=round(batch / sec, 3),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), matmul_peak_tflops=round(peak, 1),
+               model_tflops=round(2 * flops / sec / 1e12, 1), mfu=round(2 * flops / sec / 1e12 / peak, 3),
+               loss=round(loss, 4))
+    batches.close()  # stops the prefetch thread, which holds the trainer
+    del trainer, batches
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--res", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    args = ap.parse_args()
+    peak = matmul_tflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        for res in args.res:
+            for batch in args.batch:
+                row = bench(res, batch, args.steps, args.gradient_checkpointing, Path(tmp), peak)
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
