@@ -105,14 +105,14 @@ def forward_flops(trainer: trainer_mod.Trainer, batches) -> int:
     return counter.get_total_flops()
 
 
-def bench(res: int, batch: int, steps: int, checkpointing: bool, workdir: Path, peak: float) -> dict:
+def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, workdir: Path, peak: float) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
     cfg = TrainConfig(embeddings_dir=str(cache), output_dir=str(workdir / f"run-{res}-{batch}"),
                       pretrained_model_name_or_path=MODEL_ID, train_batch_size=batch, max_train_steps=10**6,
                       checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0,
-                      gradient_checkpointing=checkpointing)
+                      gradient_checkpointing=checkpointing, compile=compile)
     cfg.validate()
     trainer_mod.load_transformer = random_flux_dev
     trainer = trainer_mod.Trainer(cfg)
@@ -120,8 +120,8 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, workdir: Path, 
     batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
                        lambda b: load_batch(trainer.cache, b, pin=True))
     window = trainer_mod._Window(trainer.device)
-    flops = forward_flops(trainer, batches)
-    for _ in range(2):
+    flops = None if compile else forward_flops(trainer, batches)  # FLOPs do not depend on compilation
+    for _ in range(3 if compile else 2):
         trainer.train_step(batches, window)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -132,10 +132,11 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, workdir: Path, 
     sec = (time.perf_counter() - start) / steps
     loss = window.flush(acc)["loss"]
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), res=res, batch=batch,
-               checkpointing=checkpointing, s_per_step=round(sec, 4), img_per_s=round(batch / sec, 3),
+               checkpointing=checkpointing, compiled=compile, s_per_step=round(sec, 4), img_per_s=round(batch / sec, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), matmul_peak_tflops=round(peak, 1),
-               model_tflops=round(2 * flops / sec / 1e12, 1), mfu=round(2 * flops / sec / 1e12 / peak, 3),
                loss=round(loss, 4))
+    if flops:
+        row.update(model_tflops=round(2 * flops / sec / 1e12, 1), mfu=round(2 * flops / sec / 1e12 / peak, 3))
     batches.close()  # stops the prefetch thread, which holds the trainer
     del trainer, batches
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -150,12 +151,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="the trainer's --compile (regional torch.compile)")
     args = ap.parse_args()
     peak = matmul_tflops()
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:
-                row = bench(res, batch, args.steps, args.gradient_checkpointing, Path(tmp), peak)
+                row = bench(res, batch, args.steps, args.gradient_checkpointing, args.compile, Path(tmp), peak)
                 print(json.dumps(row), flush=True)
 
 

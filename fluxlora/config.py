@@ -260,6 +260,7 @@ class TrainConfig:
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0 turns clipping off)")
     mixed_precision: str = flag("bf16", "base weights and autocast precision", choices=["bf16", "fp16", "no"])
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, slower)")
+    compile: bool = flag(False, "torch.compile the transformer's repeated blocks (regional compilation)")
     seed: int = flag(42, "seed for LoRA init, data order, noise and sigmas")
     # checkpoints and outputs
     checkpointing_steps: int = flag(200, "save a resumable checkpoint (and its LoRA file) every N steps")

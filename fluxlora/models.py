@@ -57,10 +57,11 @@ def add_lora(transformer: FluxTransformer2DModel, *, rank: int, alpha: float, ta
 
 
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
-    """Flash or memory-efficient SDPA on CUDA: cuDNN attention crashed (illegal memory access) in
-    FLUX training on this stack. Wrap forward and backward, since gradient checkpointing recomputes
-    attention in the backward pass."""
+    """SDPA without cuDNN on CUDA: cuDNN attention crashed (illegal memory access) in FLUX training
+    on this stack. Flash or memory-efficient attention run the transformer; the math kernel stays as
+    the fallback for what they refuse (the text encoders' masked attention in sample.py). Wrap
+    forward and backward: gradient checkpointing recomputes attention in the backward pass."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

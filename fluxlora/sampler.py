@@ -91,18 +91,29 @@ def load_batch(cache: EmbeddingCache, batch: Batch, pin: bool = False) -> dict[s
 
 
 def prefetch(items: Iterator[T], load: Callable[[T], dict], depth: int = 2) -> Iterator[tuple[T, dict]]:
-    """Load the next `depth` items on a background thread while the current step runs."""
+    """Load the next `depth` items on a background thread while the current step runs.
+
+    Closing the returned generator (or leaving the `for` loop) stops and joins the thread.
+    """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in items:
-                if stop.is_set():
+                if stop.is_set() or not put((item, load(item))):
                     return
-                ready.put((item, load(item)))
         except BaseException as err:  # surfaced in the training thread
-            ready.put(err)
+            put(err)
 
     thread = threading.Thread(target=work, daemon=True, name="fluxlora-prefetch")
     thread.start()
@@ -114,5 +125,4 @@ def prefetch(items: Iterator[T], load: Callable[[T], dict], depth: int = 2) -> I
             yield got
     finally:
         stop.set()
-        while not ready.empty():
-            ready.get_nowait()
+        thread.join()

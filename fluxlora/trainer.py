@@ -6,6 +6,7 @@ writes happen on the main process, fenced by barriers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from datetime import timedelta
@@ -88,6 +89,8 @@ class Trainer:
                                dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
         if cfg.init_lora:
             load_lora_into_transformer(transformer, cfg.init_lora)
+        if cfg.compile:
+            transformer.compile_repeated_blocks(fullgraph=True)  # one graph per block type, reused 19/38 times
         optimizer = build_optimizer(cfg, self.params)
         # accelerate steps a prepared scheduler once per process per call: count steps likewise
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
@@ -119,12 +122,13 @@ class Trainer:
                            lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
         window = _Window(self.device)
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
-        while self.step < cfg.max_train_steps:
-            self.train_step(batches, window)
-            bar.update(1)
-            self.maybe_log(window, bar)
-            self.maybe_checkpoint()
-            self.maybe_preview()
+        with contextlib.closing(batches):
+            while self.step < cfg.max_train_steps:
+                self.train_step(batches, window)
+                bar.update(1)
+                self.maybe_log(window, bar)
+                self.maybe_checkpoint()
+                self.maybe_preview()
         bar.close()
         return self.finish()
 
