@@ -83,7 +83,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
-            kwargs["nargs"] = "*"
+            # `--prompt a b` and `--prompt a --prompt b` both give [a, b]
+            kwargs["nargs"] = "+"
+            kwargs["action"] = "extend"
             kwargs["type"] = typing.get_args(tp)[0]
         else:
             kwargs["type"] = tp

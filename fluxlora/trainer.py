@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .lora_io import load_lora_into_transformer, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import DTYPES, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
-from .sampler import Batch, BucketBatchStream, load_batch, prefetch
+from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
@@ -58,10 +58,10 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
                              eps=cfg.adam_epsilon)
 
 
-def step_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
-    """Noise and sigmas of a batch depend only on the seed and the batch's stream position, so a
-    resumed run (on any number of processes) draws exactly what an uninterrupted one would."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + position)
+def sample_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
+    """A sample's latent draw, noise and sigma depend only on the seed and its index in the stream:
+    a resumed run draws what an uninterrupted one would, and N processes what one process would."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + sample_index)
 
 
 class Trainer:
@@ -77,7 +77,8 @@ class Trainer:
         self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                      revision=cfg.revision)
         entries = [e for e in self.cache.entries if not cfg.resolutions or e.resolution in cfg.resolutions]
-        self.stream = BucketBatchStream(entries, cfg.train_batch_size, cfg.seed, repeats=cfg.repeats,
+        self.global_batch = cfg.train_batch_size * acc.num_processes
+        self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
         transformer = load_transformer(cfg.pretrained_model_name_or_path, revision=cfg.revision,
@@ -104,7 +105,7 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             resumed = resolve_checkpoint(self.out, cfg.resume_from_checkpoint)
             state = load_checkpoint(acc, resumed)
-            self.step, self.position = state["step"], state["position"]
+            self.step, self.position = state["step"], resume_position(state, self.global_batch)
         self.resumed_from = resumed
         self.log = JsonlLog(self.out / "logs.jsonl", resume_step=self.step if resumed else None) \
             if acc.is_main_process else None
@@ -146,21 +147,25 @@ class Trainer:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), sigmas, len(batch.entries))
+            self.position += 1
         self.step += 1
-        self.position += cfg.gradient_accumulation_steps * acc.num_processes
 
     def loss(self, batch: Batch, data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-matching loss of one batch: x_t = (1 - s) x0 + s noise, target noise - x0."""
         cfg, dev = self.cfg, self.device
-        gen = step_generator(cfg.seed, batch.position, dev)
         mean, std = (data[k].to(dev, non_blocking=True) for k in ("mean", "std"))
-        x0 = flow.latents_from_posterior(mean, std, self.cache.vae_scaling_factor, self.cache.vae_shift_factor,
-                                         generator=gen)  # [B,16,H,W] fp32
-        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=x0.dtype)
-        b, _, h, w = x0.shape
+        b, _, h, w = mean.shape
         mu = flow.image_seq_len_shift((h // 2) * (w // 2)) if cfg.timestep_sampling == "flux_shift" else None
-        sigmas = flow.sample_sigmas(b, cfg.timestep_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                    mode_scale=cfg.mode_scale, mu=mu, generator=gen, device=dev)
+        x0, noise, sigmas = [], [], []
+        for i, index in enumerate(batch.sample_indices):  # per-sample draws: see sample_generator
+            gen = sample_generator(cfg.seed, index, dev)
+            x0.append(flow.latents_from_posterior(mean[i:i + 1], std[i:i + 1], self.cache.vae_scaling_factor,
+                                                  self.cache.vae_shift_factor, generator=gen))
+            noise.append(torch.randn(x0[-1].shape, generator=gen, device=dev))
+            sigmas.append(flow.sample_sigmas(1, cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                                             logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, mu=mu,
+                                             generator=gen, device=dev))
+        x0, noise, sigmas = torch.cat(x0), torch.cat(noise), torch.cat(sigmas)  # [B,16,H,W] fp32, [B]
         t5 = data["t5"].to(dev, self.weight_dtype, non_blocking=True)
         clip = data["clip"].to(dev, self.weight_dtype, non_blocking=True)
         pred = self.transformer(
@@ -179,7 +184,7 @@ class Trainer:
         if self.step % self.cfg.logging_steps and self.step != self.cfg.max_train_steps:
             return
         row = window.flush(self.accelerator)  # the only host sync of the step
-        row.update(step=self.step, epoch=self.stream.epoch_of(self.position), lr=self.lr_scheduler.get_last_lr()[0])
+        row.update(step=self.step, epoch=self.stream.epoch_of(self.position - 1), lr=self.lr_scheduler.get_last_lr()[0])
         if self.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.accelerator.is_main_process:
@@ -191,8 +196,8 @@ class Trainer:
         cfg = self.cfg
         if self.step % cfg.checkpointing_steps and self.step != cfg.max_train_steps:
             return
-        state = {"step": self.step, "position": self.position, "world_size": self.accelerator.num_processes,
-                 "seed": cfg.seed}
+        state = {"step": self.step, "position": self.position, "global_batch": self.global_batch,
+                 "world_size": self.accelerator.num_processes, "seed": cfg.seed}
         save_checkpoint(self.accelerator, self.out, self.step, state, lambda d: self.export_lora(d / LORA_FILE),
                         cfg.checkpoints_total_limit)
 
