@@ -15,7 +15,7 @@ mkdir -p "$RUN"
 
 python -m fluxlora.tiny "$MODEL"
 python precompute_embeddings.py --pretrained_model_name_or_path "$MODEL" --dataset demo/images \
-  --embeddings_dir "$RUN/cache" --resolutions 256 --max_upscale 1 \
+  --embeddings_dir "$RUN/cache" --resolutions 256 --max_upscale 1 --max_sequence_length 64 \
   --validation_prompts_file demo/validation_prompts.txt
 python train_flux_lora.py --pretrained_model_name_or_path "$MODEL" --embeddings_dir "$RUN/cache" \
   --output_dir "$RUN/lora" --max_train_steps "$STEPS" --checkpointing_steps 100 --checkpoints_total_limit 2 \
@@ -23,7 +23,7 @@ python train_flux_lora.py --pretrained_model_name_or_path "$MODEL" --embeddings_
   --validation_steps 150 --validation_width 256 --validation_height 256 --validation_inference_steps 8
 python sample.py --pretrained_model_name_or_path "$MODEL" --lora "$RUN/lora/pytorch_lora_weights.safetensors" \
   --prompt_file demo/validation_prompts.txt --output_dir "$RUN/samples" --width 256 --height 256 \
-  --num_inference_steps 8 --mixed_precision no --compare
+  --num_inference_steps 8 --max_sequence_length 64 --mixed_precision no --compare
 
 cat <<DONE
 
