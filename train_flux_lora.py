@@ -3,18 +3,32 @@
     accelerate launch train_flux_lora.py --embeddings_dir cache/ --output_dir runs/my-lora [--flags]
 
 Plain `python train_flux_lora.py ...` runs on one device. See --help for every flag.
+Exit codes: 0 done; 1 failed (the message says why; a stop on non-finite losses leaves a checkpoint);
+2 bad flags; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint: run again with
+--resume_from_checkpoint latest.
 """
 import sys
 
+from fluxlora.cache import CacheError
+from fluxlora.checkpoint import CheckpointError
 from fluxlora.config import TrainConfig, parse_config
-from fluxlora.trainer import train
+from fluxlora.preemption import EXIT_PREEMPTED
+from fluxlora.trainer import NonFiniteLoss, Preempted, train
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, description=__doc__)
-    lora = train(cfg)
+    try:
+        lora = train(cfg)
+    except Preempted as stop:
+        print(f"train_flux_lora.py: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (CacheError, CheckpointError, NonFiniteLoss, FileNotFoundError) as err:
+        print(f"train_flux_lora.py: error: {err}", file=sys.stderr)
+        return 1
     print(f"LoRA: {lora}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

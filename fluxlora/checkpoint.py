@@ -25,6 +25,10 @@ ADAPTER_FILE = "adapter_fp32.safetensors"
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
 def register_lora_hooks(accelerator: Accelerator, transformer: torch.nn.Module) -> None:
     """Make `save_state`/`load_state` store the fp32 LoRA weights instead of the whole model."""
 
@@ -90,12 +94,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            export_lora(tmp)
+            _fsync_tree(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(output_dir)
+        kept = f"{previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write {final} ({err.strerror or err}); {kept}. Free space in "
+                              f"{Path(output_dir).resolve()} (or lower --checkpoints_total_limit) and resume "
+                              f"with --resume_from_checkpoint latest") from err
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        export_lora(tmp)
-        _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)

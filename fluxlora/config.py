@@ -219,8 +219,7 @@ class TrainConfig:
     """train_flux_lora.py: a LoRA on the FLUX.1 transformer, trained by flow matching from the cache."""
 
     embeddings_dir: str = flag(help="cache written by precompute_embeddings.py")
-    output_dir: str = flag("runs", "parent folder of the run folder")
-    run_name: str | None = flag(None, "name of the run folder under --output_dir (default: flux-lora-<date>-<time>)")
+    output_dir: str = flag("runs/flux-lora", "the run folder: LoRA, checkpoints, logs, previews")
     pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder, hub id or single-file "
                                                               "checkpoint (.safetensors as BFL/ComfyUI ship it)")
     revision: str | None = flag(None, "hub revision of the model")
@@ -271,8 +270,17 @@ class TrainConfig:
     logging_steps: int = flag(1, "write a JSONL/tracker row every N steps (reading the loss syncs the GPU)")
     report_to: str = flag("none", "trackers besides the JSONL log", choices=["none", "wandb", "tensorboard", "all"])
     tracker_project_name: str = flag("flux-lora", "W&B / TensorBoard project")
+    run_name: str | None = flag(None, "run name for trackers and Oxen branches (default: the --output_dir folder name)")
     wandb_entity: str | None = flag(None, "W&B entity (team or user)")
     wandb_tags: list[str] = flag([], "W&B run tags")
+    wandb_log_model: bool = flag(False, "upload the final LoRA to W&B as a model artifact")
+    oxen_repo: str | None = flag(None, "Oxen.ai repository (owner/name) to commit the LoRA, samples, logs and a "
+                                       "model card to, on a new branch per run")
+    oxen_branch: str | None = flag(None, "branch for --oxen_repo (default: run name + timestamp, never an existing one)")
+    oxen_host: str | None = flag(None, "Oxen server host (default: Oxen's own config)")
+    oxen_upload_checkpoints: bool = flag(False, "also upload each checkpoint's LoRA to --oxen_repo")
+    max_nan_steps: int = flag(5, "stop (with a checkpoint of the last good state) after this many optimizer "
+                                 "steps in a row with a non-finite loss or gradient; each one is skipped")
     # previews
     validation_steps: int = flag(200, "draw previews of the cached validation prompts every N steps (0: never)")
     validation_width: int = flag(1024, "preview width in pixels")
@@ -289,7 +297,7 @@ class TrainConfig:
                                                 f"with precompute_embeddings.py --embeddings_dir {self.embeddings_dir}")
         _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
         positive = ("rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                    "checkpointing_steps", "logging_steps", "repeats", "validation_inference_steps")
+                    "checkpointing_steps", "logging_steps", "repeats", "validation_inference_steps", "max_nan_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be at least 1")
@@ -317,6 +325,10 @@ class TrainConfig:
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
             raise ConfigError("resume_from_checkpoint", f"{self.resume_from_checkpoint} is not a checkpoint "
                                                         f"folder; give 'latest' or a checkpoint-<step> folder")
+        if (self.oxen_branch or self.oxen_upload_checkpoints) and not self.oxen_repo:
+            raise ConfigError("oxen_repo", "is needed by --oxen_branch / --oxen_upload_checkpoints; give owner/name")
+        if self.wandb_log_model and self.report_to not in ("wandb", "all"):
+            raise ConfigError("wandb_log_model", "needs --report_to wandb (or all)")
         if self.init_lora and self.resume_from_checkpoint:
             raise ConfigError("init_lora", "cannot be combined with --resume_from_checkpoint (the checkpoint "
                                            "already holds the LoRA); drop one of them")
@@ -330,10 +342,15 @@ class TrainConfig:
 class SampleConfig:
     """sample.py: offline generation with a FLUX.1 model and any number of LoRAs."""
 
-    pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder or hub id of FLUX.1")
-    revision: str | None = flag(None, "hub revision of the model")
-    variant: str | None = flag(None, "weights variant of the model")
-    lora: list[str] = flag([], "LoRA files (diffusers or kohya format); several may be given")
+    pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder or hub id of FLUX.1, or a single-file "
+                                                              "transformer checkpoint (.safetensors as BFL/ComfyUI "
+                                                              "ship it; the rest comes from --base_components)")
+    base_components: str = flag(DEFAULT_MODEL, "diffusers folder or hub id whose VAE, text encoders, tokenizers, "
+                                               "scheduler and transformer config go with a single-file "
+                                               "--pretrained_model_name_or_path")
+    revision: str | None = flag(None, "hub revision of the model (of --base_components for a single file)")
+    variant: str | None = flag(None, "weights variant of the model (e.g. fp16)")
+    lora: list[str] = flag([], "LoRA files (diffusers, ai-toolkit or kohya sd-scripts format); several may be given")
     lora_scale: list[float] = flag([], "one scale per --lora (default 1.0 each)")
     prompt: list[str] = flag([], "prompts")
     prompt_file: str | None = flag(None, "text file (one prompt a line) or JSONL with prompt and optional "
@@ -343,22 +360,35 @@ class SampleConfig:
     height: int = flag(1024, "image height in pixels (multiple of 16)")
     num_inference_steps: int = flag(28, "denoising steps")
     guidance_scale: float = flag(3.5, "guidance scale (distilled guidance for dev)")
-    seed: int = flag(0, "seed of the first prompt; prompt i uses seed + i unless its JSONL line sets one")
+    seed: list[int] = flag([0], "seeds: each prompt is rendered once with each (a JSONL line's own seed "
+                                "replaces them)")
     batch_size: int = flag(1, "images per pipeline call")
-    max_sequence_length: int = flag(512, "T5 tokens (256 for schnell)")
+    max_sequence_length: int | None = flag(None, "T5 tokens (default: 512 for dev, 256 for schnell)")
     compare: bool = flag(False, "also render without the LoRAs, same seeds, side by side")
-    mixed_precision: str = flag("bf16", "weights dtype", choices=["bf16", "fp16", "no"])
-    cpu_offload: bool = flag(False, "keep models on the CPU and move each to the GPU when used")
+    mixed_precision: str = flag("bf16", "weights and compute dtype", choices=["bf16", "fp16", "no"])
+    quantize: str = flag("none", "store the transformer in 4-bit NF4 (bitsandbytes, CUDA only) or in fp8 "
+                                 "(cast to --mixed_precision layer by layer as it runs)",
+                         choices=["none", "nf4", "fp8"])
+    cpu_offload: bool = flag(False, "keep models on the CPU and move each to the GPU when used (CUDA only)")
     vae_tiling: bool = flag(False, "decode in tiles (large images in less memory)")
     compile: bool = flag(False, "torch.compile the transformer's repeated blocks")
 
     def validate(self) -> None:
         _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
+        if self.single_file:
+            _check_model("base_components", self.base_components)
+            if Path(self.base_components).expanduser().is_file():
+                raise ConfigError("base_components", f"{self.base_components} is a file; give the diffusers folder "
+                                                     f"or hub id of a FLUX.1 pipeline such as {DEFAULT_MODEL}")
         for name in ("width", "height"):
             _check_resolution(name, getattr(self, name))
-        for name in ("num_inference_steps", "batch_size", "max_sequence_length"):
+        if not self.seed:
+            raise ConfigError("seed", "give at least one seed")
+        for name in ("num_inference_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be at least 1")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            raise ConfigError("max_sequence_length", "must be between 1 and 512 (T5's limit in FLUX)")
         for path in self.lora:
             if not Path(path).is_file():
                 raise ConfigError("lora", f"{path} does not exist")
@@ -370,3 +400,20 @@ class SampleConfig:
             raise ConfigError("prompt", "give --prompt or --prompt_file")
         if self.compare and not self.lora:
             raise ConfigError("compare", "needs at least one --lora to compare against")
+        import torch  # only this check needs it
+
+        # diffusers refuses NF4 quantisation without CUDA, and offloading moves models between CPU and GPU.
+        for name, needs_cuda in (("quantize", self.quantize == "nf4"), ("cpu_offload", self.cpu_offload)):
+            if needs_cuda and not torch.cuda.is_available():
+                raise ConfigError(name, "needs a CUDA GPU and none is visible; on the CPU use --quantize fp8 "
+                                        "to save memory, or drop the flag")
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the model is a single transformer file, the rest coming from --base_components."""
+        return Path(self.pretrained_model_name_or_path).expanduser().is_file()
+
+    @property
+    def lora_scales(self) -> list[float]:
+        """The scale of each --lora: --lora_scale, or 1.0 each."""
+        return self.lora_scale or [1.0] * len(self.lora)

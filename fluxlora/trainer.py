@@ -7,7 +7,6 @@ writes happen on the main process, fenced by barriers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -15,20 +14,23 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, tracking
 from .cache import EmbeddingCache
 from .checkpoint import load_checkpoint, register_lora_hooks, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .lora_io import load_lora_into_transformer, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import DTYPES, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
+from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
 
+logger = get_logger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
 
 
@@ -38,6 +40,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=not torch.cuda.is_available(),  # CPU processes of `accelerate launch` then join one gloo group
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
+        # the schedule counts optimizer steps (train_step steps it once per applied update), not steps
+        # times processes as accelerate would: a checkpoint then resumes on any number of processes
+        step_scheduler_with_optimizer=False,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir, "logs"))),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
@@ -73,7 +78,8 @@ class Trainer:
         self.weight_dtype = DTYPES[cfg.mixed_precision]
         set_seed(cfg.seed)
 
-        self.cache = EmbeddingCache(cfg.embeddings_dir, verify=acc.is_main_process)
+        # one sha256 pass per machine: on a cluster each node may read its own copy of the cache
+        self.cache = EmbeddingCache(cfg.embeddings_dir, verify=acc.is_local_main_process)
         self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                      revision=cfg.revision)
         entries = [e for e in self.cache.entries if not cfg.resolutions or e.resolution in cfg.resolutions]
@@ -93,10 +99,8 @@ class Trainer:
         if cfg.compile:
             transformer.compile_repeated_blocks(fullgraph=True)  # one graph per block type, reused 19/38 times
         optimizer = build_optimizer(cfg, self.params)
-        # accelerate steps a prepared scheduler once per process per call: count steps likewise
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                                  num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-                                  num_training_steps=cfg.max_train_steps * acc.num_processes)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                  num_training_steps=cfg.max_train_steps)
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
         register_lora_hooks(acc, self.transformer)
 
@@ -109,8 +113,12 @@ class Trainer:
         self.resumed_from = resumed
         self.log = JsonlLog(self.out / "logs.jsonl", resume_step=self.step if resumed else None) \
             if acc.is_main_process else None
+        self.run_info = tracking.load_run_info(self.out) if resumed else {}
+        tracking.init_trackers(acc, cfg, self.run_info)
         if acc.is_main_process:
-            acc.init_trackers(cfg.tracker_project_name, config=_flat_config(cfg))
+            tracking.save_run_info(self.out, self.run_info)
+        self.stop = StopRequest()
+        self.nan_streak = 0
         self._preview_models: tuple | None = None
         self.preview_rounds: list[tuple[int, list]] = []
 
@@ -123,14 +131,18 @@ class Trainer:
                            lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
         window = _Window(self.device)
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
-        with contextlib.closing(batches):
-            while self.step < cfg.max_train_steps:
-                self.train_step(batches, window)
-                bar.update(1)
-                self.maybe_log(window, bar)
-                self.maybe_checkpoint()
-                self.maybe_preview()
-        bar.close()
+        try:
+            with contextlib.closing(batches):
+                while self.step < cfg.max_train_steps:
+                    self.train_step(batches, window)
+                    bar.update(1)
+                    self.maybe_log(window, bar)
+                    self.maybe_checkpoint()
+                    self.maybe_stop()
+                    self.maybe_preview()
+        finally:
+            bar.close()
+            self.stop.restore()
         return self.finish()
 
     def train_step(self, batches: Iterator[tuple[Batch, dict]], window: "_Window") -> None:
@@ -141,10 +153,13 @@ class Trainer:
             with acc.accumulate(self.transformer), attention_backends(self.device):
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    window.grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
+                if acc.sync_gradients:
+                    # the norm of the all-reduced gradients: every process takes the same decision
+                    grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+                    window.grad_norm = grad_norm
+                    if self.finite(grad_norm):
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), sigmas, len(batch.entries))
             self.position += 1
@@ -179,6 +194,33 @@ class Trainer:
         target = flow.pack_latents(flow.velocity_target(x0, noise))
         return flow.flow_matching_loss(pred, target, flow.loss_weights(cfg.loss_weighting, sigmas)), sigmas
 
+    def finite(self, grad_norm: torch.Tensor) -> bool:
+        """Whether to apply this step. A non-finite loss or gradient skips the update with a warning;
+        `--max_nan_steps` of them in a row stop the run with a checkpoint of the last good state.
+        Reading the norm is a host sync per optimizer step."""
+        if torch.isfinite(grad_norm).item():
+            self.nan_streak = 0
+            return True
+        self.nan_streak += 1
+        step = self.step + 1
+        logger.warning(f"step {step}: non-finite loss or gradient (norm {grad_norm.item()}); update skipped "
+                       f"({self.nan_streak} in a row, --max_nan_steps {self.cfg.max_nan_steps})")
+        if self.nan_streak >= self.cfg.max_nan_steps:
+            self.save_checkpoint()
+            raise NonFiniteLoss(f"{self.nan_streak} optimizer steps in a row had a non-finite loss or gradient "
+                                f"(last at step {step}); the last good state is saved in "
+                                f"{self.out / f'checkpoint-{self.step}'}. Lower --learning_rate or check the "
+                                f"data, then resume with --resume_from_checkpoint latest")
+        return False
+
+    def maybe_stop(self) -> None:
+        """On SIGTERM/SIGINT/SIGUSR1 (any process): checkpoint and leave with EXIT_PREEMPTED."""
+        if not self.stop.agreed(self.accelerator):
+            return
+        path = self.save_checkpoint()
+        self.accelerator.end_training()
+        raise Preempted(path)
+
     # ---------------------------------------------------------------- periodic work
     def maybe_log(self, window: "_Window", bar: tqdm) -> None:
         if self.step % self.cfg.logging_steps and self.step != self.cfg.max_train_steps:
@@ -196,10 +238,18 @@ class Trainer:
         cfg = self.cfg
         if self.step % cfg.checkpointing_steps and self.step != cfg.max_train_steps:
             return
+        path = self.save_checkpoint()
+        if cfg.oxen_upload_checkpoints and self.accelerator.is_main_process:
+            self.upload({f"checkpoints/{path.name}/{LORA_FILE}": path / LORA_FILE},
+                        f"checkpoint at step {self.step}")
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
         state = {"step": self.step, "position": self.position, "global_batch": self.global_batch,
                  "world_size": self.accelerator.num_processes, "seed": cfg.seed}
-        save_checkpoint(self.accelerator, self.out, self.step, state, lambda d: self.export_lora(d / LORA_FILE),
-                        cfg.checkpoints_total_limit)
+        return save_checkpoint(self.accelerator, self.out, self.step, state,
+                               lambda d: self.export_lora(d / LORA_FILE), cfg.checkpoints_total_limit)
 
     def maybe_preview(self, force: bool = False) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -215,7 +265,7 @@ class Trainer:
                 save_png(image, folder / f"{i:02d}.png", {"prompt": prompt, "seed": cfg.validation_seed + i,
                                                           "step": self.step})
             self.preview_rounds.append((self.step, images))
-            self._log_images(images)
+            tracking.log_images(acc, images, [p for p, _ in self.cache.validation], self.step)
         acc.wait_for_everyone()
 
     def render_previews(self) -> list:
@@ -234,25 +284,15 @@ class Trainer:
                                           guidance_scale=cfg.validation_guidance_scale, seed=cfg.validation_seed,
                                           device=self.device)
 
-    def _log_images(self, images: list) -> None:
-        prompts = [p for p, _ in self.cache.validation]
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "wandb":
-                import wandb
-                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]},
-                            step=self.step)
-            elif tracker.name == "tensorboard":
-                import numpy as np
-                for i, im in enumerate(images):
-                    tracker.writer.add_image(f"validation/{i}", np.asarray(im), self.step, dataformats="HWC")
-
     # ---------------------------------------------------------------- outputs
-    def export_lora(self, path: Path) -> Path:
+    def lora_metadata(self) -> dict[str, str]:
         cfg = self.cfg
-        meta = {"base_model": cfg.pretrained_model_name_or_path, "rank": str(cfg.rank), "alpha": str(cfg.alpha),
+        return {"base_model": cfg.pretrained_model_name_or_path, "rank": str(cfg.rank), "alpha": str(cfg.alpha),
                 "steps": str(self.step), "trigger_phrase": str(self.cache.fingerprint.get("trigger_phrase", "")),
                 "lora_layers": ",".join(cfg.lora_layers)}
-        return save_lora(path, self.accelerator.unwrap_model(self.transformer), metadata=meta)
+
+    def export_lora(self, path: Path) -> Path:
+        return save_lora(path, self.accelerator.unwrap_model(self.transformer), metadata=self.lora_metadata())
 
     def finish(self) -> Path:
         acc = self.accelerator
@@ -266,8 +306,41 @@ class Trainer:
                 grid = image_grid([imgs for _, imgs in self.preview_rounds],
                                   [f"step {s}" for s, _ in self.preview_rounds])
                 grid.save(self.out / "samples_grid.png")
+            if self.cfg.wandb_log_model:
+                tracking.log_lora_artifact(acc, lora, tracking.run_name(self.cfg), self.lora_metadata())
+            if self.cfg.oxen_repo:
+                self.upload(self.result_files(), f"LoRA after {self.step} steps")
+        acc.wait_for_everyone()
         acc.end_training()
         return lora
+
+    def result_files(self) -> dict[str, Path]:
+        """What a run publishes: LoRA, log, loss curve, previews and a model card (repository paths)."""
+        cfg = self.cfg
+        files = {name: self.out / name for name in (LORA_FILE, "logs.jsonl", "loss_curve.png", "samples_grid.png")
+                 if (self.out / name).is_file()}
+        for png in sorted((self.out / "samples").glob("step-*/*.png")):
+            files[png.relative_to(self.out).as_posix()] = png
+        card = self.out / "README.md"
+        from .oxen import model_card  # oxenai is needed only by runs that publish to Oxen
+
+        card.write_text(model_card(
+            base_model=cfg.pretrained_model_name_or_path, rank=cfg.rank, alpha=cfg.alpha, steps=self.step,
+            trigger_phrase=str(self.cache.fingerprint.get("trigger_phrase", "")), learning_rate=cfg.learning_rate,
+            resolutions=sorted({e.resolution for e in self.stream.entries}),
+            sample_files=[p for p in files if p.endswith(".png") and p.startswith("samples/")]))
+        files["README.md"] = card
+        return files
+
+    def upload(self, files: dict[str, Path], message: str) -> None:
+        """Commit to --oxen_repo on this run's branch (main process). Failures warn, never stop training."""
+        from .oxen import upload_results
+
+        branch = upload_results(self.cfg.oxen_repo, files, run_name=tracking.run_name(self.cfg), message=message,
+                                branch=self.cfg.oxen_branch or self.run_info.get("oxen_branch"), host=self.cfg.oxen_host)
+        if branch and branch != self.run_info.get("oxen_branch"):
+            self.run_info["oxen_branch"] = branch  # a resumed run commits to the same branch
+            tracking.save_run_info(self.out, self.run_info)
 
 
 class _Window:
@@ -303,9 +376,16 @@ class _Window:
         return row
 
 
-def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Tracker-friendly config: lists as strings."""
-    return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in dataclasses.asdict(cfg).items()}
+class Preempted(Exception):
+    """Stopped by a signal after saving `checkpoint`; exit with preemption.EXIT_PREEMPTED."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped by a signal; resume from {checkpoint} with --resume_from_checkpoint latest")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite steps in a row; the last good state is checkpointed."""
 
 
 def train(cfg: TrainConfig) -> Path:

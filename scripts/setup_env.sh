@@ -9,6 +9,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/${REQUIREMENTS:-requirements.txt}"
+# (grep drops pip's notes about package-index folders this machine's pip config names but lacks)
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/${REQUIREMENTS:-requirements.txt}" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false

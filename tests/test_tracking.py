@@ -1,0 +1,84 @@
+"""Trackers read back: an offline W&B run and a TensorBoard event file hold what the JSONL log holds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fluxlora.config import TrainConfig
+from fluxlora.metrics import read_jsonl
+from fluxlora.trainer import train
+
+from .conftest import reset_accelerate
+from .helpers import wandb_offline
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
+                  mixed_precision="no", max_train_steps=4, checkpointing_steps=2, validation_steps=2,
+                  validation_width=64, validation_height=64, validation_inference_steps=2, optimizer="adamw",
+                  learning_rate=1e-3, run_name="tracked run")
+    cfg = TrainConfig(**{**values, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def test_wandb_offline_run_holds_metrics_config_images_and_resumes(demo_cache, tiny_flux_dev, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, report_to="wandb", wandb_tags=["demo", "tiny"],
+                   wandb_log_model=True))
+    run_id = json.loads((out / "run.json").read_text())["wandb_id"]
+    path = wandb_offline.run_file(out / "wandb")
+    assert path.name == f"run-{run_id}.wandb"
+
+    info = wandb_offline.run_info(path)
+    assert info.display_name == "tracked run" and list(info.tags) == ["demo", "tiny"]
+    config = wandb_offline.config(path)
+    assert config["rank"] == 16 and config["learning_rate"] == 1e-3 and config["optimizer"] == "adamw"
+
+    jsonl = {row["step"]: row for row in read_jsonl(out / "logs.jsonl")}
+    rows = [r for r in wandb_offline.history(path) if "loss" in r]
+    assert [r["_step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        for key in ("loss", "lr", "grad_norm", "images_per_s", "sigma"):
+            assert row[key] == pytest.approx(jsonl[row["_step"]][key])
+    images = [r for r in wandb_offline.history(path) if "validation/_type" in r]  # nested keys come flat
+    assert [r["_step"] for r in images] == [0, 2, 4]
+    assert images[0]["validation/_type"] == "images/separated" and images[0]["validation/count"] == 2
+    assert images[0]["validation/captions"] == (Path(__file__).parents[1] / "demo" /
+                                                "validation_prompts.txt").read_text().splitlines()
+    media = list(path.parent.glob("files/media/images/validation_*.png"))
+    assert len(media) == 6
+
+    # a resumed run continues the same W&B run
+    reset_accelerate()
+    train(make_cfg(demo_cache, tiny_flux_dev, out, report_to="wandb", max_train_steps=6,
+                   resume_from_checkpoint="latest"))
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    resumed = [r["_step"] for r in wandb_offline.history(files[-1]) if "loss" in r]
+    assert resumed == [5, 6]
+
+
+def test_tensorboard_event_file_holds_the_jsonl_losses(demo_cache, tiny_flux_dev, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, report_to="tensorboard"))
+    runs = []
+    for folder in {p.parent for p in (out / "logs").rglob("events.out.tfevents.*")}:  # hparams get a subfolder
+        runs.append(EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload())
+    (acc,) = [run for run in runs if "loss" in run.Tags()["scalars"]]
+    losses = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert losses == [(row["step"], pytest.approx(row["loss"])) for row in read_jsonl(out / "logs.jsonl")]
+    assert {"validation/0", "validation/1"} <= set(acc.Tags()["images"])
