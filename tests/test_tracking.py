@@ -82,3 +82,37 @@ def test_tensorboard_event_file_holds_the_jsonl_losses(demo_cache, tiny_flux_dev
     losses = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert losses == [(row["step"], pytest.approx(row["loss"])) for row in read_jsonl(out / "logs.jsonl")]
     assert {"validation/0", "validation/1"} <= set(acc.Tags()["images"])
+
+
+def test_results_are_published_to_oxen_on_a_new_branch_and_resume_reuses_it(demo_cache, tiny_flux_dev, tmp_path,
+                                                                            monkeypatch):
+    import oxen
+
+    from fluxlora import oxen as fluxlora_oxen
+    from fluxlora.trainer import LORA_FILE
+
+    from .test_oxen import FakeServer, fake_remote_class
+
+    monkeypatch.setenv("OXEN_CONFIG_DIR", str(tmp_path / "oxen-config"))
+    (tmp_path / "oxen-config").mkdir()
+    oxen.user.config_user("Test User", "test@example.com")
+    server = FakeServer({"README.md": b"# results"})
+    monkeypatch.setattr(fluxlora_oxen, "OxenRemote", fake_remote_class(server))
+
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, oxen_repo="me/loras", oxen_upload_checkpoints=True))
+    branch = json.loads((out / "run.json").read_text())["oxen_branch"]
+    assert branch.startswith("tracked-run") and server.branches["main"] == server.history(branch)[-1]
+    files = server.files_at(branch)
+    assert files[LORA_FILE] == (out / LORA_FILE).read_bytes()
+    assert files["checkpoints/checkpoint-2/" + LORA_FILE] == (out / "checkpoint-2" / LORA_FILE).read_bytes()
+    assert {"logs.jsonl", "loss_curve.png", "samples_grid.png", "README.md"} <= set(files)
+    assert sum(p.startswith("samples/step-") for p in files) == 6
+    assert b"load_lora_weights" in files["README.md"]
+    assert server.files_at("main") == {"README.md": b"# results"}  # main untouched
+
+    reset_accelerate()
+    train(make_cfg(demo_cache, tiny_flux_dev, out, oxen_repo="me/loras", max_train_steps=6,
+                   resume_from_checkpoint="latest"))
+    assert [b for b in server.branches if b != "main"] == [branch]  # the same branch
+    assert server.files_at(branch)[LORA_FILE] == (out / LORA_FILE).read_bytes()
