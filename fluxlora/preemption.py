@@ -27,8 +27,9 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.signal = signum
-        signal.signal(signum, self._previous[signum])  # a second one acts as before
+        # Repeats are ignored: launchers (torchrun, srun) forward the signal a process group already
+        # got, and a second one must not kill the checkpoint being written. SIGKILL still stops it.
+        self.signal = self.signal or signum
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every process if any process was signalled (one all-reduce with several processes)."""

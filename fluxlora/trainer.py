@@ -74,6 +74,10 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = build_accelerator(cfg)
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            # the LoRA save/load hooks, previews and export assume every process holds the whole model
+            raise NotImplementedError(f"{acc.distributed_type.name} is not supported by the trainer yet "
+                                      f"(docs/cluster.md, 'FSDP'); use accelerate_configs/multi_gpu_ddp.yaml")
         self.device = acc.device
         self.weight_dtype = DTYPES[cfg.mixed_precision]
         set_seed(cfg.seed)
