@@ -1,0 +1,72 @@
+"""Seconds per 1024 px, 28-step image: sample.py's rendering code beside a plain FluxPipeline call,
+on FLUX.1-dev's full architecture with random weights (T5-XXL, CLIP-L, VAE, transformer), one process.
+
+    python bench/bench_sample.py [--images 3] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.full_flux import random_pipeline  # noqa: E402
+from fluxlora.models import attention_backends  # noqa: E402
+from fluxlora.prompts import PromptJob  # noqa: E402
+from fluxlora.sampling import render_jobs  # noqa: E402
+
+PROMPT = "a lighthouse on a cliff above a stormy sea at dusk, oil painting"
+
+
+def timed(fn, images: int) -> float:
+    fn(0)  # warm-up: kernels, allocator, compilation
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(images):
+        fn(i + 1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=3)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--compile", action="store_true", help="sample.py --compile (regional torch.compile)")
+    args = ap.parse_args()
+    pipe = random_pipeline("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    device = torch.device("cuda")
+    card = torch.cuda.get_device_name()
+    common = dict(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=3.5)
+
+    def plain(seed: int) -> None:
+        with attention_backends(device):
+            pipe(prompt=PROMPT, generator=torch.Generator("cuda").manual_seed(seed), **common)
+
+    def ours(seed: int) -> None:
+        job = PromptJob(index=0, prompt=PROMPT, seed=seed, width=args.size, height=args.size,
+                        num_inference_steps=args.steps, guidance_scale=3.5)
+        render_jobs(pipe, [job], batch_size=1, max_sequence_length=512, device=device)
+
+    rows = [("FluxPipeline", plain), ("fluxlora sample.py", ours)]
+    for name, fn in rows:
+        sec = timed(fn, args.images)
+        print(json.dumps(dict(impl=name, card=card, size=args.size, steps=args.steps, compiled=False,
+                              s_per_image=round(sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))),
+              flush=True)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        sec = timed(ours, args.images)
+        print(json.dumps(dict(impl="fluxlora sample.py", card=card, size=args.size, steps=args.steps, compiled=True,
+                              s_per_image=round(sec, 3))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
