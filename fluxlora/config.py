@@ -363,7 +363,7 @@ class SampleConfig:
     seed: list[int] = flag([0], "seeds: each prompt is rendered once with each (a JSONL line's own seed "
                                 "replaces them)")
     batch_size: int = flag(1, "images per pipeline call")
-    max_sequence_length: int | None = flag(None, "T5 tokens (default: 512 for dev, 256 for schnell)")
+    max_sequence_length: int | None = flag(None, "T5 tokens; when not given 512 for dev, 256 for schnell")
     compare: bool = flag(False, "also render without the LoRAs, same seeds, side by side")
     mixed_precision: str = flag("bf16", "weights and compute dtype", choices=["bf16", "fp16", "no"])
     quantize: str = flag("none", "store the transformer in 4-bit NF4 (bitsandbytes, CUDA only) or in fp8 "

@@ -2,22 +2,33 @@
 
 Previews need no text encoder: the cached T5/CLIP embeddings of the validation prompts go in as
 `prompt_embeds`/`pooled_prompt_embeds`, and the pipeline is built around the training transformer.
+
+sample.py renders with FluxPipeline itself, loaded and called as a diffusers user would (LoRAs
+through `load_lora_weights` and `set_adapters`), so its images are exactly diffusers' for the same
+model, prompt, seed and settings; its work is what surrounds that: prompts and per-prompt settings,
+single-file and quantised transformers, LoRA files of other tools, several processes, and outputs
+that record how each image was made.
 """
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel)
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from .config import SampleConfig
-from .lora_io import check_lora_keys, read_lora_as_diffusers
+from .config import ConfigError, SampleConfig
+from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
 from .models import DTYPES, attention_backends
+from .precompute import MAX_SEQUENCE_LENGTH
+from .prompts import PromptJob, read_prompts
 
 
 def embeddings_pipeline(transformer: FluxTransformer2DModel, vae: AutoencoderKL,
@@ -72,60 +83,84 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()
     return grid
 
 
-@dataclass(frozen=True)
-class PromptJob:
-    """One image to render; `index` orders outputs and splits work across processes."""
-
-    index: int
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
+def _unloadable(name: str, err: Exception) -> str:
+    """The message for a model folder or hub id that diffusers could not load."""
+    return (f"cannot load {name}: {err}\nGive a diffusers folder (model_index.json, transformer/, vae/, ...) or a "
+            f"hub id that is in the local cache (hf download {name}) or reachable.")
 
 
-def read_prompts(cfg: SampleConfig) -> list[PromptJob]:
-    """Prompts from --prompt and --prompt_file (plain lines, or JSONL with per-prompt settings)."""
-    rows: list[dict[str, Any]] = [{"prompt": p} for p in cfg.prompt]
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        jsonl = path.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{"))
-        for number, line in enumerate(lines, 1):
-            if not jsonl:
-                rows.append({"prompt": line.strip()})
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--prompt_file {path}, line {number}: not JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"--prompt_file {path}, line {number}: needs a \"prompt\" string")
-            for key in ("width", "height"):
-                if key in row and (int(row[key]) <= 0 or int(row[key]) % 16):
-                    raise ValueError(f"--prompt_file {path}, line {number}: {key} {row[key]} is not a multiple of 16")
-            rows.append(row)
-    return [PromptJob(index=i, prompt=row["prompt"], seed=int(row.get("seed", cfg.seed + i)),
-                      width=int(row.get("width", cfg.width)), height=int(row.get("height", cfg.height)),
-                      num_inference_steps=int(row.get("num_inference_steps", cfg.num_inference_steps)),
-                      guidance_scale=float(row.get("guidance_scale", cfg.guidance_scale)))
-            for i, row in enumerate(rows)]
+def load_transformer(cfg: SampleConfig, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """The transformer of a diffusers folder or hub id, or of a single file; NF4 with --quantize nf4."""
+    quantization = None
+    if cfg.quantize == "nf4":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if not cfg.single_file:
+        try:
+            return FluxTransformer2DModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="transformer",
+                                                          revision=cfg.revision, variant=cfg.variant, dtype=dtype,
+                                                          quantization_config=quantization)
+        except OSError as err:
+            raise ConfigError("pretrained_model_name_or_path",
+                              _unloadable(cfg.pretrained_model_name_or_path, err)) from None
+    # Offline, from_single_file can only build the model from a local config; the components'
+    # transformer config is the right one (a dev file needs dev's guidance embedding).
+    try:
+        FluxTransformer2DModel.load_config(cfg.base_components, subfolder="transformer", revision=cfg.revision)
+    except OSError as err:
+        raise ConfigError("base_components", _unloadable(cfg.base_components, err)) from None
+    path = Path(cfg.pretrained_model_name_or_path).expanduser()
+    try:
+        return FluxTransformer2DModel.from_single_file(str(path), config=cfg.base_components, subfolder="transformer",
+                                                       config_revision=cfg.revision, dtype=dtype,
+                                                       quantization_config=quantization)
+    except (OSError, KeyError, IndexError, ValueError, RuntimeError) as err:  # how diffusers' converter fails
+        raise ConfigError("pretrained_model_name_or_path",
+                          f"{path} is not a FLUX.1 transformer checkpoint that fits --base_components "
+                          f"{cfg.base_components} ({type(err).__name__}: {err}); give the transformer file as BFL or "
+                          f"ComfyUI ship it (with the matching dev or schnell components), or a diffusers folder"
+                          ) from None
+
+
+def _lora_for_diffusers(transformer: FluxTransformer2DModel, path: str) -> str | dict[str, torch.Tensor]:
+    """What `load_lora_weights` gets for a LoRA file, once it is known to fit the transformer.
+
+    A diffusers-format file with `transformer.` keys (this toolkit's, diffusers', ai-toolkit's) goes
+    in by path, so diffusers reads it exactly as `load_lora_weights(path)` does, alpha from its
+    header included. Other files (kohya sd-scripts, unprefixed keys) go through lora_io: diffusers'
+    own kohya converter assumes full-size widths and drops the final layer, and it skips keys
+    without the prefix. Checking first also stops diffusers from silently widening the
+    transformer's layers to fit a LoRA of another shape (its route for FLUX Control LoRAs).
+    """
+    try:
+        state, _ = read_lora(path)
+        check_lora_keys(transformer, state, source=f"file {path}")
+        if detect_format(state) == "diffusers" and all(key.startswith(TRANSFORMER_PREFIX) for key in state):
+            return path
+        return read_lora_as_diffusers(path)
+    except ValueError as err:
+        raise ConfigError("lora", str(err)) from None
 
 
 def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
-    """FluxPipeline with the LoRAs loaded as named adapters at their scales."""
-    pipe = FluxPipeline.from_pretrained(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                                        variant=cfg.variant, dtype=DTYPES[cfg.mixed_precision])
-    names = []
-    for i, path in enumerate(cfg.lora):
-        state = read_lora_as_diffusers(path)  # kohya files too: diffusers' own converter drops layers
-        check_lora_keys(pipe.transformer, state, source=f"--lora {path}")  # a LoRA of another model
-        name = f"lora{i}"
-        pipe.load_lora_weights(state, adapter_name=name)
-        names.append(name)
+    """FluxPipeline with the LoRAs loaded as adapters at their scales, then the memory and speed options."""
+    dtype = DTYPES[cfg.mixed_precision]
+    components = cfg.base_components if cfg.single_file else cfg.pretrained_model_name_or_path
+    transformer = load_transformer(cfg, dtype)
+    try:
+        pipe = FluxPipeline.from_pretrained(components, transformer=transformer, revision=cfg.revision,
+                                            variant=cfg.variant, dtype=dtype)
+    except OSError as err:
+        raise ConfigError("base_components" if cfg.single_file else "pretrained_model_name_or_path",
+                          _unloadable(components, err)) from None
+    names = [f"lora{i}" for i in range(len(cfg.lora))]
+    for name, path in zip(names, cfg.lora):
+        pipe.load_lora_weights(_lora_for_diffusers(pipe.transformer, path), adapter_name=name)
     if names:
-        pipe.set_adapters(names, adapter_weights=cfg.lora_scale or [1.0] * len(names))
+        pipe.set_adapters(names, adapter_weights=cfg.lora_scales)
+    if cfg.quantize == "fp8":
+        # After the LoRAs: diffusers then leaves their small layers in `dtype` (loaded later, peft
+        # would give them the fp8 weights' dtype, which cannot compute).
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     if cfg.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -140,59 +175,76 @@ def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
 
 def render_jobs(pipe: FluxPipeline, jobs: Sequence[PromptJob], *, batch_size: int, max_sequence_length: int,
                 device: torch.device) -> list[Image.Image]:
-    """Render jobs in batches of equal settings; job i's image depends only on its own seed."""
-    def settings(job: PromptJob) -> tuple:
+    """The jobs' images in order, from calls of up to `batch_size` consecutive jobs of equal settings.
+
+    Each job's noise comes from its own generator (FluxPipeline draws one latent per generator), so
+    batching changes an image only by float rounding. Generators are on the CPU, so a seed starts
+    from the same noise on any device.
+    """
+    def settings(job: PromptJob) -> tuple[int, int, int, float]:
         return job.width, job.height, job.num_inference_steps, job.guidance_scale
 
     images: list[Image.Image] = []
-    start = 0
-    while start < len(jobs):
-        first = jobs[start]
-        group = [first]
-        while (len(group) < batch_size and start + len(group) < len(jobs)
-               and settings(jobs[start + len(group)]) == settings(first)):
-            group.append(jobs[start + len(group)])
-        with attention_backends(device):
-            out = pipe(prompt=[j.prompt for j in group], width=first.width, height=first.height,
-                       num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-                       max_sequence_length=max_sequence_length,
-                       generator=[torch.Generator(device=device).manual_seed(j.seed) for j in group])
-        images += out.images
-        start += len(group)
+    for (width, height, steps, guidance), same in itertools.groupby(jobs, key=settings):
+        same = list(same)
+        for start in range(0, len(same), batch_size):
+            group = same[start:start + batch_size]
+            with attention_backends(device):
+                out = pipe(prompt=[job.prompt for job in group], width=width, height=height,
+                           num_inference_steps=steps, guidance_scale=guidance,
+                           max_sequence_length=max_sequence_length,
+                           generator=[torch.Generator().manual_seed(job.seed) for job in group])
+            images += out.images
     return images
 
 
+def _merge_outputs(out: Path, num_processes: int, variants: Sequence[str], labels: Sequence[str]) -> None:
+    """Main process: the processes' index parts into index.jsonl, and grid.png with a row per variant."""
+    rows = []
+    for i in range(num_processes):
+        part = out / f"index.part{i}.jsonl"
+        rows += [json.loads(line) for line in part.read_text().splitlines()]
+        part.unlink()
+    rows.sort(key=lambda row: (row["index"], variants.index(row["variant"])))
+    (out / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    grid = [[Image.open(out / row["file"]) for row in rows if row["variant"] == v] for v in variants]
+    image_grid(grid, labels).save(out / "grid.png")
+
+
 def run_sample(cfg: SampleConfig, accelerator: Accelerator) -> Path:
-    """Render every prompt once across processes; write PNGs, index.jsonl and grid.png."""
+    """Render every job once across processes; write PNGs, index.jsonl and grid.png to --output_dir.
+
+    Process p renders jobs p, p + n, ... (n processes); with --compare it renders each of them
+    without and with the LoRAs, same seeds. Returns the output folder.
+    """
     out = Path(cfg.output_dir)
     jobs = read_prompts(cfg)
-    mine = [j for j in jobs if j.index % accelerator.num_processes == accelerator.process_index]
+    mine = jobs[accelerator.process_index::accelerator.num_processes]
     pipe = load_pipeline(cfg, accelerator.device)
-    loras = [{"path": str(p), "scale": s} for p, s in zip(cfg.lora, cfg.lora_scale or [1.0] * len(cfg.lora))]
-    variants = [("lora" if cfg.lora else "base", True)] + ([("base", False)] if cfg.compare else [])
+    guidance_embeds = pipe.transformer.config.guidance_embeds
+    max_sequence_length = cfg.max_sequence_length or MAX_SEQUENCE_LENGTH["dev" if guidance_embeds else "schnell"]
+    loras = [{"path": path, "scale": scale} for path, scale in zip(cfg.lora, cfg.lora_scales)]
+    variants = (["base"] if cfg.compare or not cfg.lora else []) + (["lora"] if cfg.lora else [])
+    settings = {"model": cfg.pretrained_model_name_or_path,
+                **({"base_components": cfg.base_components} if cfg.single_file else {}),
+                "max_sequence_length": max_sequence_length, "mixed_precision": cfg.mixed_precision,
+                "quantize": cfg.quantize}
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, with_lora in variants:
+    for variant in variants:
         if cfg.lora:
-            (pipe.enable_lora if with_lora else pipe.disable_lora)()
-        images = render_jobs(pipe, mine, batch_size=cfg.batch_size, max_sequence_length=cfg.max_sequence_length,
+            (pipe.enable_lora if variant == "lora" else pipe.disable_lora)()
+        images = render_jobs(pipe, mine, batch_size=cfg.batch_size, max_sequence_length=max_sequence_length,
                              device=accelerator.device)
         for job, image in zip(mine, images):
-            info = {**asdict(job), "model": cfg.pretrained_model_name_or_path,
-                    "loras": json.dumps(loras if with_lora else [])}
-            path = save_png(image, out / f"{job.index:04d}-{name}.png", info)
-            rows.append({**info, "variant": name, "file": path.name})
-    part = out / f"index.part{accelerator.process_index}.jsonl"
-    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            row = {**asdict(job), **settings, "variant": variant, "loras": loras if variant == "lora" else []}
+            path = save_png(image, out / f"{job.index:04d}-{variant}.png", {**row, "loras": json.dumps(row["loras"])})
+            rows.append({**row, "file": path.name})
+    (out / f"index.part{accelerator.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        merged = []
-        for i in range(accelerator.num_processes):
-            piece = out / f"index.part{i}.jsonl"
-            merged += [json.loads(line) for line in piece.read_text().splitlines()]
-            piece.unlink()
-        merged.sort(key=lambda r: (r["index"], r["variant"] != "base"))
-        (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in merged))
-        grid_rows = [[Image.open(out / r["file"]) for r in merged if r["variant"] == v] for v, _ in variants]
-        image_grid(grid_rows, [v for v, _ in variants]).save(out / "grid.png")
+        named = ", ".join(f"{Path(lora['path']).name} x{lora['scale']:g}" for lora in loras)
+        _merge_outputs(out, accelerator.num_processes, variants, [f"{v}: {named}" if v == "lora" else v
+                                                                  for v in variants])
     accelerator.wait_for_everyone()
     return out
