@@ -16,8 +16,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter
 OXEN_PREFIX = "oxen:"
 # T5 tokens FLUX.1 was trained with: FluxPipeline's default for dev; schnell's pipeline docs use 256.
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
+PREPARE_THREADS = min(8, os.cpu_count() or 1)  # image decoding and resizing beside the VAE
 _SHARD_FILE = re.compile(r"^(text|images)-\d{5}-[0-9a-f]{12}(\.safetensors|\.json)$")
 
 
@@ -345,6 +348,50 @@ def _plan_image_shard(shard: _ImageShard) -> list[_ImageData]:
     return data
 
 
+@dataclass
+class _Prepared:
+    """One sample decoded and bucketed: per (resolution, flip), its entry, tensor key and resized image."""
+
+    crops: list[tuple[dict[str, Any], str, tuple[int, int], Image.Image]]
+    skip: str | None = None
+    resolution_skips: list[dict[str, Any]] | None = None
+
+
+def _prepare(sample: _Sample, item: _ImageData, shard_name_: str, cfg: PrecomputeConfig,
+             resolutions: list[int]) -> _Prepared:
+    """Decode, bucket and (flip,) resize one image: host work, run on a thread pool (PIL releases the
+    GIL while decoding and resampling) so that it overlaps with the VAE on the device."""
+    source, sid = sample.raw.source, item.sample_id
+    if item.blob is None or sid is None:  # no caption, or the bytes could not be read
+        return _Prepared([], sample.skip_reason or item.error)
+    try:
+        image = load_image(item.blob, source)
+    except SkipSample as skip:
+        return _Prepared([], skip.reason)
+    width, height = image.size
+    crops, needed = [], []
+    for resolution in resolutions:
+        bucket = buckets.nearest_bucket(width, height, resolution, cfg.max_aspect)
+        factor = buckets.upscale_factor(width, height, bucket)
+        if factor > cfg.max_upscale:
+            needed.append((resolution, bucket, factor))
+            continue
+        for flipped in ((False, True) if cfg.flip_copies else (False,)):
+            # Flip the decoded image, then bucket it: the copy is exactly a mirrored image's encoding.
+            pil = buckets.resize_to_bucket(ImageOps.mirror(image) if flipped else image, bucket)
+            entry = {"sample_id": sid, "caption_id": caption_id(sample.caption), "resolution": resolution,
+                     "width": bucket[0], "height": bucket[1], "flipped": flipped, "shard": shard_name_,
+                     "source": source}
+            crops.append((entry, image_key(sid, resolution, flipped), bucket, pil))
+    if not crops:
+        smallest = min(factor for _, _, factor in needed)
+        return _Prepared([], f"{width}x{height} pixels would need {smallest:.2f}x upscaling even at the smallest "
+                             f"resolution (> --max_upscale {cfg.max_upscale:g})")
+    return _Prepared(crops, resolution_skips=[
+        {"source": source, "resolution": res, "reason": f"{width}x{height} pixels would need {factor:.2f}x "
+         f"upscaling to {b[0]}x{b[1]} (> --max_upscale {cfg.max_upscale:g})"} for res, b, factor in needed])
+
+
 def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cfg: PrecomputeConfig,
                         resolutions: list[int], progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Decode, bucket, (flip,) and VAE-encode one image shard; returns its tensors and index."""
@@ -360,49 +407,26 @@ def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cf
         for (key, _), (mean, std) in zip(items, encode_images(vae, [image for _, image in items])):
             tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean, std
 
-    for sample, item in zip(shard.samples, data):
-        progress.update(1)
-        source, sid = sample.raw.source, item.sample_id
-        if item.blob is None or sid is None:  # no caption, or the bytes could not be read
-            skips.append({"source": source, "reason": sample.skip_reason or item.error})
-            continue
-        if sid in first_source:
-            skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and caption)"})
-            continue
-        first_source[sid] = source
-        try:
-            image = load_image(item.blob, source)
-        except SkipSample as skip:
-            skips.append({"source": source, "reason": skip.reason})
-            continue
-        width, height = image.size
-        kept, needed = 0, []
-        for resolution in resolutions:
-            bucket = buckets.nearest_bucket(width, height, resolution, cfg.max_aspect)
-            factor = buckets.upscale_factor(width, height, bucket)
-            if factor > cfg.max_upscale:
-                needed.append((resolution, bucket, factor))
+    with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
+        # map keeps the listing order, so the shard's contents do not depend on thread timing
+        prepared = pool.map(lambda pair: _prepare(*pair, shard.name, cfg, resolutions), zip(shard.samples, data))
+        for sample, item, ready in zip(shard.samples, data, prepared):
+            progress.update(1)
+            source, sid = sample.raw.source, item.sample_id
+            if ready.skip is not None:
+                skips.append({"source": source, "reason": ready.skip})
                 continue
-            kept += 1
-            for flipped in ((False, True) if cfg.flip_copies else (False,)):
-                # Flip the decoded image, then bucket it: the copy is exactly a mirrored image's encoding.
-                pil = buckets.resize_to_bucket(ImageOps.mirror(image) if flipped else image, bucket)
-                key = image_key(sid, resolution, flipped)
-                entries.append({"sample_id": sid, "caption_id": caption_id(sample.caption), "resolution": resolution,
-                                "width": bucket[0], "height": bucket[1], "flipped": flipped,
-                                "shard": shard.name, "source": source})
+            if sid in first_source:
+                skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and "
+                                                          f"caption)"})
+                continue
+            first_source[sid] = source
+            resolution_skips += ready.resolution_skips or []
+            for entry, key, bucket, pil in ready.crops:
+                entries.append(entry)
                 queues[bucket].append((key, pil))
                 if len(queues[bucket]) >= cfg.vae_batch_size:
                     flush(bucket)
-        if not kept:
-            smallest = min(factor for _, _, factor in needed)
-            skips.append({"source": source, "reason": f"{width}x{height} pixels would need {smallest:.2f}x upscaling "
-                                                      f"even at the smallest resolution (> --max_upscale "
-                                                      f"{cfg.max_upscale:g})"})
-        else:
-            resolution_skips += [{"source": source, "resolution": res, "reason": f"{width}x{height} pixels would "
-                                  f"need {factor:.2f}x upscaling to {b[0]}x{b[1]} (> --max_upscale "
-                                  f"{cfg.max_upscale:g})"} for res, b, factor in needed]
     for size in sorted(queues):
         flush(size)
     index = {"kind": "images", "index": shard.index, "plan": shard.plan, "samples": len(shard.samples),
