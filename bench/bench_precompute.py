@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench-precompute")
     args = ap.parse_args()
     work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)  # a cache left by an earlier run would be reused, not timed
     model = save_without_transformer(work / "flux-random")
     torch.cuda.empty_cache()
     data = make_dataset(work / "data", args.images, args.res)
