@@ -604,9 +604,6 @@ def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
     pipe = _load_text_pipeline(cfg, device) if pending_text else None
     vae = _load_vae(cfg, device) if pending_images and not cfg.sequential_models else None
     if pending_text:
-        # transformers keeps T5's feed-forward output projection (`wo`) in fp32 for stability; TF32
-        # runs it on the tensor cores (a third of T5's FLOPs) at a rounding far below the bf16 storage.
-        torch.backends.cuda.matmul.allow_tf32 = True
         with tqdm(total=sum(len(s.captions) for s in pending_text), unit="caption", desc="T5+CLIP",
                   disable=not show) as progress:
             for shard in pending_text:
