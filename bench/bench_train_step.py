@@ -117,8 +117,9 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, 
     trainer_mod.load_transformer = random_flux_dev
     trainer = trainer_mod.Trainer(cfg)
     acc = trainer.accelerator
+    cache = trainer.cache
     batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
-                       lambda b: load_batch(trainer.cache, b, pin=True))
+                       lambda b: load_batch(cache, b, pin=True))
     window = trainer_mod._Window(trainer.device)
     flops = None if compile else forward_flops(trainer, batches)  # FLOPs do not depend on compilation
     for _ in range(3 if compile else 2):

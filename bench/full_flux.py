@@ -38,7 +38,8 @@ def random_transformer(device: str = "cuda", dtype: torch.dtype = torch.bfloat16
     return _random(lambda: FluxTransformer2DModel(guidance_embeds=True), device, dtype).requires_grad_(False)
 
 
-def random_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, transformer: bool = True) -> FluxPipeline:
+def random_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                    transformer: bool = True) -> FluxPipeline:
     """A FluxPipeline of full-size random components on `device` (transformer optional)."""
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     clip_cfg = CLIPTextConfig(**CLIP, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,

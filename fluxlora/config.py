@@ -276,7 +276,8 @@ class TrainConfig:
     wandb_log_model: bool = flag(False, "upload the final LoRA to W&B as a model artifact")
     oxen_repo: str | None = flag(None, "Oxen.ai repository (owner/name) to commit the LoRA, samples, logs and a "
                                        "model card to, on a new branch per run")
-    oxen_branch: str | None = flag(None, "branch for --oxen_repo (default: run name + timestamp, never an existing one)")
+    oxen_branch: str | None = flag(None, "branch for --oxen_repo (default: run name + timestamp, never an "
+                                         "existing one)")
     oxen_host: str | None = flag(None, "Oxen server host (default: Oxen's own config)")
     oxen_upload_checkpoints: bool = flag(False, "also upload each checkpoint's LoRA to --oxen_repo")
     max_nan_steps: int = flag(5, "stop (with a checkpoint of the last good state) after this many optimizer "

@@ -31,7 +31,8 @@ def load_transformer(name_or_path: str, *, revision: str | None = None, variant:
 
 
 def load_vae_and_scheduler(name_or_path: str, *, revision: str | None = None,
-                           dtype: torch.dtype = torch.bfloat16) -> tuple[AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
+                           dtype: torch.dtype = torch.bfloat16
+                           ) -> tuple[AutoencoderKL, FlowMatchEulerDiscreteScheduler]:
     """The VAE (its decoder draws previews) and the scheduler of a diffusers folder or hub id."""
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", revision=revision, dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", revision=revision)

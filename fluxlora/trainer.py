@@ -341,7 +341,8 @@ class Trainer:
         from .oxen import upload_results
 
         branch = upload_results(self.cfg.oxen_repo, files, run_name=tracking.run_name(self.cfg), message=message,
-                                branch=self.cfg.oxen_branch or self.run_info.get("oxen_branch"), host=self.cfg.oxen_host)
+                                branch=self.cfg.oxen_branch or self.run_info.get("oxen_branch"),
+                                host=self.cfg.oxen_host)
         if branch and branch != self.run_info.get("oxen_branch"):
             self.run_info["oxen_branch"] = branch  # a resumed run commits to the same branch
             tracking.save_run_info(self.out, self.run_info)

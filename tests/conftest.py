@@ -66,3 +66,22 @@ def demo_cache(tmp_path_factory, tiny_flux_dev, demo_dir):
     precompute.run(cfg, Accelerator(cpu=True))
     reset_accelerate()
     return out
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """For tests that build the trainer's Accelerator: clear accelerate's singletons around them."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def train_config(cache, model, out, **overrides):
+    """A validated TrainConfig for the tiny model on the CPU: fp32, no previews, fast steps."""
+    from fluxlora.config import TrainConfig
+
+    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
+                  mixed_precision="no", validation_steps=0, learning_rate=1e-3)
+    cfg = TrainConfig(**{**values, **overrides})
+    cfg.validate()
+    return cfg

@@ -21,17 +21,13 @@ from fluxlora.config import TrainConfig
 from fluxlora.preemption import EXIT_PREEMPTED
 from fluxlora.trainer import NonFiniteLoss, train
 
-from .conftest import reset_accelerate
+from .conftest import train_config
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTER = "adapter_fp32.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def flags(cache: Path, model: Path, out: Path, steps: int, every: int) -> list[str]:
@@ -112,13 +108,11 @@ def test_kill_9_at_random_moments_loses_nothing_beyond_the_last_checkpoint(demo_
     assert_same_lora(final_adapter(out, 12), uninterrupted)
 
 
+DEFAULTS = dict(max_train_steps=6, checkpointing_steps=2, optimizer="adamw", seed=3)
+
+
 def cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
-                  mixed_precision="no", max_train_steps=6, checkpointing_steps=2, validation_steps=0,
-                  optimizer="adamw", learning_rate=1e-3, seed=3)
-    config = TrainConfig(**{**values, **overrides})
-    config.validate()
-    return config
+    return train_config(cache, model, out, **{**DEFAULTS, **overrides})
 
 
 def poison_steps(monkeypatch, bad: set[int]) -> None:

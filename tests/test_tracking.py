@@ -10,25 +10,19 @@ from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import train
 
-from .conftest import reset_accelerate
+from .conftest import reset_accelerate, train_config
 from .helpers import wandb_offline
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
+DEFAULTS = dict(max_train_steps=4, checkpointing_steps=2, validation_steps=2, validation_width=64, validation_height=64,
+                validation_inference_steps=2, optimizer="adamw", run_name="tracked run")
 
 
 def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
-                  mixed_precision="no", max_train_steps=4, checkpointing_steps=2, validation_steps=2,
-                  validation_width=64, validation_height=64, validation_inference_steps=2, optimizer="adamw",
-                  learning_rate=1e-3, run_name="tracked run")
-    cfg = TrainConfig(**{**values, **overrides})
-    cfg.validate()
-    return cfg
+    return train_config(cache, model, out, **{**DEFAULTS, **overrides})
 
 
 def test_wandb_offline_run_holds_metrics_config_images_and_resumes(demo_cache, tiny_flux_dev, tmp_path,

@@ -16,23 +16,17 @@ from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import LORA_FILE, Trainer, train
 
-from .conftest import reset_accelerate
+from .conftest import reset_accelerate, train_config
+
+
+DEFAULTS = dict(max_train_steps=8, checkpointing_steps=4, seed=7)
 
 
 def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(embeddings_dir=str(cache), pretrained_model_name_or_path=str(model), output_dir=str(out),
-                  mixed_precision="no", max_train_steps=8, checkpointing_steps=4, validation_steps=0,
-                  learning_rate=1e-3, seed=7)
-    cfg = TrainConfig(**{**values, **overrides})
-    cfg.validate()
-    return cfg
+    return train_config(cache, model, out, **{**DEFAULTS, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_loss_falls_on_demo_set(demo_cache, tiny_flux_dev, tmp_path):
