@@ -38,7 +38,7 @@ def run(args: list[str]) -> subprocess.Popen:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--checkpointing_steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="/tmp/fluxlora-kill-test")
@@ -62,19 +62,28 @@ def main() -> int:
     expected = load_file(work / "whole" / f"checkpoint-{args.steps}" / ADAPTER_FILE)
 
     out, rng, failures, lost = work / "killed", random.Random(args.seed), [], []
+    log = out / "logs.jsonl"
+
+    def logged_step() -> int:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip().endswith("}")] \
+            if log.exists() else []
+        return rows[-1]["step"] if rows else 0
+
+    def resume_flag() -> list[str]:
+        return ["--resume_from_checkpoint", "latest"] if complete_checkpoints(out) else []
+
     for kill in range(args.kills):
-        before = complete_checkpoints(out)
-        resume = ["--resume_from_checkpoint", "latest"] if before else []
-        proc = run([*train, "--output_dir", str(out), *resume])
-        log = out / "logs.jsonl"
-        start_rows = len(log.read_text().splitlines()) if log.exists() and before else 0
-        while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) > start_rows):
-            time.sleep(0.02)  # wait until this run trains, then kill at a random moment
-        time.sleep(rng.uniform(0, 2.0))
+        start_step = complete_checkpoints(out)[-1][0] if complete_checkpoints(out) else 0
+        # kill somewhere in the next two checkpoint intervals, at a random moment inside a step
+        # (a checkpoint being written included)
+        target = start_step + rng.randint(1, 2 * args.checkpointing_steps)
+        proc = run([*train, "--output_dir", str(out), *resume_flag()])
+        while proc.poll() is None and logged_step() < min(target, args.steps - 1):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
         proc.kill()
         proc.wait()
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip().endswith("}")]
-        last_step = rows[-1]["step"] if rows else 0
+        last_step = logged_step()
         after = complete_checkpoints(out)
         newest = after[-1][0] if after else 0
         lost.append(last_step - newest)
@@ -85,9 +94,7 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
                 failures.append(f"kill {kill}: checkpoint-{step} is complete but unreadable: {err}")
         print(f"kill {kill + 1}/{args.kills}: at step {last_step}, newest complete checkpoint {newest}", flush=True)
-        if newest >= args.steps:
-            break
-    final = run([*train, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    final = run([*train, "--output_dir", str(out), *resume_flag()])
     if final.wait() != 0:
         failures.append(f"final resume failed: {final.stderr.read()[-2000:]}")
     else:
