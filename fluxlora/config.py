@@ -244,6 +244,8 @@ class TrainConfig:
     guidance_scale: float = flag(1.0, "guidance fed to guidance-distilled models (dev) while training")
     caption_dropout: float = flag(0.0, "share of samples trained with the empty caption")
     repeats: int = flag(1, "times each cached image appears per epoch")
+    holdout_images: int = flag(0, "cached images kept out of training for a held-out loss at fixed sigmas and "
+                                  "noise, logged as val_loss every --validation_steps")
     resolutions: list[int] = flag([], "train only on these cached resolutions (default: all in the cache)")
     # optimisation
     max_train_steps: int = flag(2000, "optimizer steps")
@@ -313,6 +315,8 @@ class TrainConfig:
             raise ConfigError("learning_rate", "must be positive")
         if self.max_grad_norm < 0:
             raise ConfigError("max_grad_norm", "must be 0 (off) or positive")
+        if self.holdout_images < 0:
+            raise ConfigError("holdout_images", "must be 0 (none) or positive")
         if self.validation_steps < 0:
             raise ConfigError("validation_steps", "must be 0 (off) or positive")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -499,6 +499,7 @@ def progress(rows: Sequence[Mapping[str, Any]], max_steps: int, images_per_step:
     size x gradient accumulation x processes (the trainer's ``images_per_s`` counts all
     processes).
     """
+    rows = [r for r in rows if "loss" in r]  # held-out rows (val_loss) carry no training figures
     if not rows:
         return Progress(0, max_steps, None, None, None)
     last = rows[-1]

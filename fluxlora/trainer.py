@@ -31,7 +31,8 @@ from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_posi
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
 
 logger = get_logger(__name__)
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
+LORA_FILE = "pytorch_lora_weights.safetensors"
+VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the held-out loss  # diffusers' default name: load_lora_weights(folder) finds it
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -87,6 +88,9 @@ class Trainer:
         self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
                                      revision=cfg.revision)
         entries = [e for e in self.cache.entries if not cfg.resolutions or e.resolution in cfg.resolutions]
+        held_out = sorted({e.sample_id for e in entries})[:cfg.holdout_images]  # ids are hashes: a random pick
+        self.holdout = [e for e in entries if e.sample_id in held_out and not e.flipped]
+        entries = [e for e in entries if e.sample_id not in held_out]
         self.global_batch = cfg.train_batch_size * acc.num_processes
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
@@ -143,6 +147,7 @@ class Trainer:
                     self.maybe_log(window, bar)
                     self.maybe_checkpoint()
                     self.maybe_stop()
+                    self.maybe_validate()
                     self.maybe_preview()
         finally:
             bar.close()
@@ -187,16 +192,39 @@ class Trainer:
         x0, noise, sigmas = torch.cat(x0), torch.cat(noise), torch.cat(sigmas)  # [B,16,H,W] fp32, [B]
         t5 = data["t5"].to(dev, self.weight_dtype, non_blocking=True)
         clip = data["clip"].to(dev, self.weight_dtype, non_blocking=True)
-        pred = self.transformer(
+        return self.flow_loss(self.transformer, x0, noise, sigmas, t5, clip, cfg.loss_weighting), sigmas
+
+    def flow_loss(self, model: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                  t5: torch.Tensor, clip: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+        """Velocity-prediction MSE at x_t = (1 - sigma) x0 + sigma noise; x0, noise [B,16,H,W] fp32."""
+        b, _, h, w = x0.shape
+        dev = x0.device
+        pred = model(
             hidden_states=flow.pack_latents(flow.noisy_latents(x0, noise, sigmas)).to(self.weight_dtype),
             timestep=sigmas,  # in [0, 1]: the transformer multiplies by 1000 itself
-            guidance=flow.guidance_vector(b, cfg.guidance_scale, dev) if self.guidance_embeds else None,
+            guidance=flow.guidance_vector(b, self.cfg.guidance_scale, dev) if self.guidance_embeds else None,
             pooled_projections=clip, encoder_hidden_states=t5,
             txt_ids=flow.text_ids(t5.shape[1], dev, self.weight_dtype),
             img_ids=flow.latent_image_ids(h, w, dev, self.weight_dtype),
             return_dict=False)[0]
         target = flow.pack_latents(flow.velocity_target(x0, noise))
-        return flow.flow_matching_loss(pred, target, flow.loss_weights(cfg.loss_weighting, sigmas)), sigmas
+        return flow.flow_matching_loss(pred, target, flow.loss_weights(weighting, sigmas))
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the held-out images at fixed sigmas with fixed noise and the posterior
+        mean as x0: the same inputs every time, so the curve shows learning without sampling noise."""
+        model, dev, total = self.accelerator.unwrap_model(self.transformer), self.device, 0.0
+        for i, entry in enumerate(self.holdout):
+            mean, _ = self.cache.latent_dist(entry)
+            x0 = ((mean.float() - self.cache.vae_shift_factor) * self.cache.vae_scaling_factor)[None].to(dev)
+            t5, clip = (t[None].to(dev, self.weight_dtype) for t in self.cache.text(entry.caption_id))
+            for k, sigma in enumerate(VALIDATION_SIGMAS):
+                gen = sample_generator(self.cfg.seed + 1, i * len(VALIDATION_SIGMAS) + k, dev)
+                noise = torch.randn(x0.shape, generator=gen, device=dev)
+                with self.accelerator.autocast(), attention_backends(dev):
+                    total += self.flow_loss(model, x0, noise, torch.full((1,), sigma, device=dev), t5, clip).item()
+        return total / (len(self.holdout) * len(VALIDATION_SIGMAS))
 
     def finite(self, grad_norm: torch.Tensor) -> bool:
         """Whether to apply this step. A non-finite loss or gradient skips the update with a warning;
@@ -254,6 +282,18 @@ class Trainer:
                  "world_size": self.accelerator.num_processes, "seed": cfg.seed}
         return save_checkpoint(self.accelerator, self.out, self.step, state,
                                lambda d: self.export_lora(d / LORA_FILE), cfg.checkpoints_total_limit)
+
+    def maybe_validate(self) -> None:
+        """Held-out loss (`--holdout_images`) every --validation_steps; every process computes it alike."""
+        cfg = self.cfg
+        if not self.holdout or not cfg.validation_steps:
+            return
+        if self.step % cfg.validation_steps and self.step != cfg.max_train_steps:
+            return
+        row = {"step": self.step, "val_loss": self.validation_loss()}
+        if self.accelerator.is_main_process:
+            self.log.write(row)
+        self.accelerator.log({"val_loss": row["val_loss"]}, step=self.step)
 
     def maybe_preview(self, force: bool = False) -> None:
         cfg, acc = self.cfg, self.accelerator

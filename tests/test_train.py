@@ -199,3 +199,37 @@ def test_previews_and_sample_grid(demo_cache, tiny_flux_dev, tmp_path):
         assert image.text["prompt"] == (Path(__file__).parent.parent / "demo" / "validation_prompts.txt") \
             .read_text().splitlines()[0]
     assert Image.open(out / "samples_grid.png").size[1] > 2 * 48
+
+
+def test_held_out_loss_is_logged_and_its_images_never_trained(demo_cache, tiny_flux_dev, tmp_path):
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=6, checkpointing_steps=6,
+                   optimizer="adamw", holdout_images=2, validation_steps=3)
+    trainer = Trainer(cfg)
+    held = {e.sample_id for e in trainer.holdout}
+    assert len(held) == 2 and not held & {e.sample_id for e in trainer.stream.entries}
+    before = trainer.validation_loss()
+    assert trainer.validation_loss() == before  # fixed sigmas, noise and x0
+    trainer.run()
+    rows = [r for r in read_jsonl(tmp_path / "run" / "logs.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(r["val_loss"] != before for r in rows)  # the LoRA changed it
+
+
+def test_schnell_models_without_guidance_train(tiny_flux_schnell, demo_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from fluxlora import precompute
+    from fluxlora.config import PrecomputeConfig
+
+    pcfg = PrecomputeConfig(dataset=str(demo_dir / "images"), embeddings_dir=str(tmp_path / "cache"),
+                            pretrained_model_name_or_path=str(tiny_flux_schnell), resolutions=[64])
+    precompute.run(pcfg, Accelerator(cpu=True))
+    assert EmbeddingCache(tmp_path / "cache").max_sequence_length == 256
+    reset_accelerate()
+    cfg = make_cfg(tmp_path / "cache", tiny_flux_schnell, tmp_path / "run", max_train_steps=20,
+                   checkpointing_steps=20, optimizer="adamw", train_batch_size=2)
+    trainer = Trainer(cfg)
+    assert not trainer.guidance_embeds
+    trainer.run()
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "logs.jsonl")]
+    assert sum(losses[-5:]) < sum(losses[:5])
