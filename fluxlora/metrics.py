@@ -47,10 +47,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_loss_curve(rows: Iterable[dict[str, Any]], path: str | Path, *, size: tuple[int, int] = (800, 400),
-                    ema: float = 0.9) -> Path:
-    """A PNG of training loss per step (light) and its exponential moving average (dark)."""
+def plot_loss_curve(rows: Iterable[dict[str, Any]], path: str | Path, *, size: tuple[int, int] = (800, 400)) -> Path:
+    """A PNG of training loss per logged step (light) and its exponential moving average (dark),
+    smoothed over about a twentieth of the run so that short and long logs both read well."""
     points = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    ema = 1 - 2 / (max(1.0, len(points) / 20) + 1)
     width, height = size
     margin = 50
     image = Image.new("RGB", size, "white")
