@@ -222,6 +222,9 @@ class TrainConfig:
     output_dir: str = flag("runs/flux-lora", "the run folder: LoRA, checkpoints, logs, previews")
     pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder, hub id or single-file "
                                                               "checkpoint (.safetensors as BFL/ComfyUI ship it)")
+    base_components: str = flag(DEFAULT_MODEL, "diffusers folder or hub id whose transformer config, VAE and "
+                                               "scheduler (previews) go with a single-file "
+                                               "--pretrained_model_name_or_path; build the cache from it")
     revision: str | None = flag(None, "hub revision of the model")
     variant: str | None = flag(None, "weights variant of the model (e.g. fp16)")
     # LoRA
@@ -337,6 +340,12 @@ class TrainConfig:
         if self.init_lora and self.resume_from_checkpoint:
             raise ConfigError("init_lora", "cannot be combined with --resume_from_checkpoint (the checkpoint "
                                            "already holds the LoRA); drop one of them")
+
+    @property
+    def components(self) -> str:
+        """Where the VAE, scheduler and the cache's encoders come from."""
+        single_file = Path(self.pretrained_model_name_or_path).expanduser().is_file()
+        return self.base_components if single_file else self.pretrained_model_name_or_path
 
     @property
     def alpha(self) -> float:

@@ -3,31 +3,59 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
+from .config import ConfigError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-def load_transformer(name_or_path: str, *, revision: str | None = None, variant: str | None = None,
-                     dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
-    """The FLUX transformer alone: from a diffusers folder or hub id, or a single-file checkpoint.
+def _unloadable(name: str, err: Exception) -> str:
+    """The message for a model folder or hub id that diffusers could not load."""
+    return (f"cannot load {name}: {err}\nGive a diffusers folder (model_index.json, transformer/, vae/, ...) or a "
+            f"hub id that is in the local cache (hf download {name}) or reachable.")
 
-    A `.safetensors`/`.sft` file is read with `from_single_file`, which understands the BFL and
-    ComfyUI layouts; everything else through `from_pretrained(..., subfolder="transformer")`.
+
+def load_transformer(name_or_path: str, *, base_components: str, revision: str | None = None,
+                     variant: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                     quantization_config: Any = None) -> FluxTransformer2DModel:
+    """The FLUX transformer alone, frozen: from a diffusers folder or hub id, or from a single-file
+    checkpoint as BFL and ComfyUI ship it, built on `base_components`' transformer config.
+
+    Raises:
+        ConfigError: naming --pretrained_model_name_or_path or --base_components.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        model = FluxTransformer2DModel.from_single_file(str(path), torch_dtype=dtype)
-    else:
-        model = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", revision=revision,
-                                                       variant=variant, dtype=dtype)
-    model.requires_grad_(False)
-    return model
+    if not path.is_file():
+        try:
+            model = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", revision=revision,
+                                                           variant=variant, dtype=dtype,
+                                                           quantization_config=quantization_config)
+        except OSError as err:
+            raise ConfigError("pretrained_model_name_or_path", _unloadable(name_or_path, err)) from None
+        return model.requires_grad_(False)
+    # Offline, from_single_file can only build the model from a local config; the components'
+    # transformer config is the right one (a dev file needs dev's guidance embedding).
+    try:
+        FluxTransformer2DModel.load_config(base_components, subfolder="transformer", revision=revision)
+    except OSError as err:
+        raise ConfigError("base_components", _unloadable(base_components, err)) from None
+    try:
+        model = FluxTransformer2DModel.from_single_file(str(path), config=base_components, subfolder="transformer",
+                                                        config_revision=revision, dtype=dtype,
+                                                        quantization_config=quantization_config)
+    except (OSError, KeyError, IndexError, ValueError, RuntimeError) as err:  # how diffusers' converter fails
+        raise ConfigError("pretrained_model_name_or_path",
+                          f"{path} is not a FLUX.1 transformer checkpoint that fits --base_components "
+                          f"{base_components} ({type(err).__name__}: {err}); give the transformer file as BFL or "
+                          f"ComfyUI ship it (with the matching dev or schnell components), or a diffusers folder"
+                          ) from None
+    return model.requires_grad_(False)
 
 
 def load_vae_and_scheduler(name_or_path: str, *, revision: str | None = None,

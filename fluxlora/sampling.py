@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from .config import ConfigError, SampleConfig
 from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
-from .models import DTYPES, attention_backends
+from .models import DTYPES, _unloadable, attention_backends, load_transformer
 from .precompute import MAX_SEQUENCE_LENGTH
 from .prompts import PromptJob, read_prompts
 
@@ -83,44 +83,6 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()
     return grid
 
 
-def _unloadable(name: str, err: Exception) -> str:
-    """The message for a model folder or hub id that diffusers could not load."""
-    return (f"cannot load {name}: {err}\nGive a diffusers folder (model_index.json, transformer/, vae/, ...) or a "
-            f"hub id that is in the local cache (hf download {name}) or reachable.")
-
-
-def load_transformer(cfg: SampleConfig, dtype: torch.dtype) -> FluxTransformer2DModel:
-    """The transformer of a diffusers folder or hub id, or of a single file; NF4 with --quantize nf4."""
-    quantization = None
-    if cfg.quantize == "nf4":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    if not cfg.single_file:
-        try:
-            return FluxTransformer2DModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="transformer",
-                                                          revision=cfg.revision, variant=cfg.variant, dtype=dtype,
-                                                          quantization_config=quantization)
-        except OSError as err:
-            raise ConfigError("pretrained_model_name_or_path",
-                              _unloadable(cfg.pretrained_model_name_or_path, err)) from None
-    # Offline, from_single_file can only build the model from a local config; the components'
-    # transformer config is the right one (a dev file needs dev's guidance embedding).
-    try:
-        FluxTransformer2DModel.load_config(cfg.base_components, subfolder="transformer", revision=cfg.revision)
-    except OSError as err:
-        raise ConfigError("base_components", _unloadable(cfg.base_components, err)) from None
-    path = Path(cfg.pretrained_model_name_or_path).expanduser()
-    try:
-        return FluxTransformer2DModel.from_single_file(str(path), config=cfg.base_components, subfolder="transformer",
-                                                       config_revision=cfg.revision, dtype=dtype,
-                                                       quantization_config=quantization)
-    except (OSError, KeyError, IndexError, ValueError, RuntimeError) as err:  # how diffusers' converter fails
-        raise ConfigError("pretrained_model_name_or_path",
-                          f"{path} is not a FLUX.1 transformer checkpoint that fits --base_components "
-                          f"{cfg.base_components} ({type(err).__name__}: {err}); give the transformer file as BFL or "
-                          f"ComfyUI ship it (with the matching dev or schnell components), or a diffusers folder"
-                          ) from None
-
-
 def _lora_for_diffusers(transformer: FluxTransformer2DModel, path: str) -> str | dict[str, torch.Tensor]:
     """What `load_lora_weights` gets for a LoRA file, once it is known to fit the transformer.
 
@@ -145,7 +107,12 @@ def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
     """FluxPipeline with the LoRAs loaded as adapters at their scales, then the memory and speed options."""
     dtype = DTYPES[cfg.mixed_precision]
     components = cfg.base_components if cfg.single_file else cfg.pretrained_model_name_or_path
-    transformer = load_transformer(cfg, dtype)
+    quantization = None
+    if cfg.quantize == "nf4":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    transformer = load_transformer(cfg.pretrained_model_name_or_path, base_components=cfg.base_components,
+                                   revision=cfg.revision, variant=cfg.variant, dtype=dtype,
+                                   quantization_config=quantization)
     try:
         pipe = FluxPipeline.from_pretrained(components, transformer=transformer, revision=cfg.revision,
                                             variant=cfg.variant, dtype=dtype)

@@ -31,8 +31,8 @@ from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_posi
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
 
 logger = get_logger(__name__)
-LORA_FILE = "pytorch_lora_weights.safetensors"
-VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the held-out loss  # diffusers' default name: load_lora_weights(folder) finds it
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
+VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the held-out loss
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -85,8 +85,7 @@ class Trainer:
 
         # one sha256 pass per machine: on a cluster each node may read its own copy of the cache
         self.cache = EmbeddingCache(cfg.embeddings_dir, verify=acc.is_local_main_process)
-        self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path,
-                                     revision=cfg.revision)
+        self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.components, revision=cfg.revision)
         entries = [e for e in self.cache.entries if not cfg.resolutions or e.resolution in cfg.resolutions]
         held_out = sorted({e.sample_id for e in entries})[:cfg.holdout_images]  # ids are hashes: a random pick
         self.holdout = [e for e in entries if e.sample_id in held_out and not e.flipped]
@@ -95,8 +94,9 @@ class Trainer:
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
-        transformer = load_transformer(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                                       variant=cfg.variant, dtype=self.weight_dtype).to(self.device)
+        transformer = load_transformer(cfg.pretrained_model_name_or_path, base_components=cfg.base_components,
+                                       revision=cfg.revision, variant=cfg.variant,
+                                       dtype=self.weight_dtype).to(self.device)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -315,7 +315,7 @@ class Trainer:
     def render_previews(self) -> list:
         cfg = self.cfg
         if self._preview_models is None:
-            self._preview_models = load_vae_and_scheduler(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+            self._preview_models = load_vae_and_scheduler(cfg.components, revision=cfg.revision,
                                                           dtype=self.weight_dtype)
             self._preview_models[0].to(self.device)
         vae, scheduler = self._preview_models

@@ -233,3 +233,18 @@ def test_schnell_models_without_guidance_train(tiny_flux_schnell, demo_dir, tmp_
     trainer.run()
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "logs.jsonl")]
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_single_file_transformer_trains_with_base_components(demo_cache, tiny_flux_dev, tmp_path):
+    """A transformer shipped as one .safetensors file (the rest of the pipeline from
+    --base_components, which the cache was built from)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    single = tmp_path / "flux-transformer.safetensors"
+    save_file(FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer").state_dict(), single)
+    cfg = make_cfg(demo_cache, single, tmp_path / "run", base_components=str(tiny_flux_dev), max_train_steps=2,
+                   checkpointing_steps=2, optimizer="adamw", validation_steps=2, validation_width=64,
+                   validation_height=64, validation_inference_steps=2)
+    lora = train(cfg)
+    assert load_file(lora) and (tmp_path / "run" / "samples" / "step-000002" / "00.png").is_file()
