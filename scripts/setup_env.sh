@@ -5,12 +5,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-$ROOT/.venv}"
+pip_install() {
+  # (grep drops pip's notes about package-index folders a machine's pip config names but lacks)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  pip_install --upgrade pip
 fi
-# (grep drops pip's notes about package-index folders this machine's pip config names but lacks)
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/${REQUIREMENTS:-requirements.txt}" \
-  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+pip_install -r "$ROOT/${REQUIREMENTS:-requirements.txt}"
 export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
