@@ -83,6 +83,9 @@ class Trainer:
         self.weight_dtype = DTYPES[cfg.mixed_precision]
         set_seed(cfg.seed)
 
+        # checked before any model loads: a missing checkpoint or a cache for other settings
+        self.resumed_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) \
+            if cfg.resume_from_checkpoint else None
         # one sha256 pass per machine: on a cluster each node may read its own copy of the cache
         self.cache = EmbeddingCache(cfg.embeddings_dir, verify=acc.is_local_main_process)
         self.cache.check_fingerprint(pretrained_model_name_or_path=cfg.components, revision=cfg.revision)
@@ -113,12 +116,10 @@ class Trainer:
         register_lora_hooks(acc, self.transformer)
 
         self.step, self.position = 0, 0
-        resumed = None
-        if cfg.resume_from_checkpoint:
-            resumed = resolve_checkpoint(self.out, cfg.resume_from_checkpoint)
+        resumed = self.resumed_from
+        if resumed:
             state = load_checkpoint(acc, resumed)
             self.step, self.position = state["step"], resume_position(state, self.global_batch)
-        self.resumed_from = resumed
         self.log = JsonlLog(self.out / "logs.jsonl", resume_step=self.step if resumed else None) \
             if acc.is_main_process else None
         self.run_info = tracking.load_run_info(self.out) if resumed else {}

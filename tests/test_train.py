@@ -155,13 +155,19 @@ def test_overfit_one_image_moves_samples_towards_it(tiny_flux_dev, demo_dir, tmp
     assert tuned < 0.85 * base, (base, tuned)
 
 
-def test_trainer_refuses_cache_of_another_model(demo_cache, tiny_flux_schnell, tmp_path):
+def test_trainer_refuses_cache_of_another_model(demo_cache, tiny_flux_schnell, tmp_path, monkeypatch):
+    monkeypatch.setattr("fluxlora.trainer.load_transformer", None)  # refused before any model loads
     cfg = make_cfg(demo_cache, tiny_flux_schnell, tmp_path / "run")
     with pytest.raises(CacheError, match="pretrained_model_name_or_path"):
         train(cfg)
 
 
-def test_resume_latest_without_checkpoint_names_the_flag(demo_cache, tiny_flux_dev, tmp_path):
+def test_resume_latest_without_checkpoint_names_the_flag_before_any_model_loads(demo_cache, tiny_flux_dev,
+                                                                                 tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("fluxlora.trainer.load_transformer", no_model)
     cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", resume_from_checkpoint="latest")
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint"):
         train(cfg)
