@@ -214,19 +214,45 @@ class PrecomputeConfig:
         _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class ModelSource:
+    """The model flags of training and sampling: a diffusers folder or hub id, or a single transformer
+    file with the rest of the pipeline from --base_components."""
+
+    pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder or hub id of FLUX.1, or a single-file "
+                                                              "transformer checkpoint (.safetensors as BFL/ComfyUI "
+                                                              "ship it; the rest comes from --base_components)")
+    base_components: str = flag(DEFAULT_MODEL, "diffusers folder or hub id whose VAE, text encoders, tokenizers, "
+                                               "scheduler and transformer config go with a single-file "
+                                               "--pretrained_model_name_or_path (build the cache from it)")
+    revision: str | None = flag(None, "hub revision of the model (of --base_components for a single file)")
+    variant: str | None = flag(None, "weights variant of the model (e.g. fp16)")
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the model is a single transformer file, the rest coming from --base_components."""
+        return Path(self.pretrained_model_name_or_path).expanduser().is_file()
+
+    @property
+    def components(self) -> str:
+        """Where the VAE, scheduler, text encoders (and so the cache) come from."""
+        return self.base_components if self.single_file else self.pretrained_model_name_or_path
+
+    def check_model(self) -> None:
+        _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
+        if self.single_file:
+            _check_model("base_components", self.base_components)
+            if Path(self.base_components).expanduser().is_file():
+                raise ConfigError("base_components", f"{self.base_components} is a file; give the diffusers folder "
+                                                     f"or hub id of a FLUX.1 pipeline such as {DEFAULT_MODEL}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(ModelSource):
     """train_flux_lora.py: a LoRA on the FLUX.1 transformer, trained by flow matching from the cache."""
 
     embeddings_dir: str = flag(help="cache written by precompute_embeddings.py")
     output_dir: str = flag("runs/flux-lora", "the run folder: LoRA, checkpoints, logs, previews")
-    pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder, hub id or single-file "
-                                                              "checkpoint (.safetensors as BFL/ComfyUI ship it)")
-    base_components: str = flag(DEFAULT_MODEL, "diffusers folder or hub id whose transformer config, VAE and "
-                                               "scheduler (previews) go with a single-file "
-                                               "--pretrained_model_name_or_path; build the cache from it")
-    revision: str | None = flag(None, "hub revision of the model")
-    variant: str | None = flag(None, "weights variant of the model (e.g. fp16)")
     # LoRA
     rank: int = flag(16, "LoRA rank")
     lora_alpha: float | None = flag(None, "LoRA alpha (default: equal to --rank, since ComfyUI ignores a stored alpha)")
@@ -301,7 +327,7 @@ class TrainConfig:
         if not Path(self.embeddings_dir, "manifest.json").is_file():
             raise ConfigError("embeddings_dir", f"{self.embeddings_dir} has no manifest.json; build the cache "
                                                 f"with precompute_embeddings.py --embeddings_dir {self.embeddings_dir}")
-        _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
+        self.check_model()
         positive = ("rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                     "checkpointing_steps", "logging_steps", "repeats", "validation_inference_steps", "max_nan_steps")
         for name in positive:
@@ -342,28 +368,14 @@ class TrainConfig:
                                            "already holds the LoRA); drop one of them")
 
     @property
-    def components(self) -> str:
-        """Where the VAE, scheduler and the cache's encoders come from."""
-        single_file = Path(self.pretrained_model_name_or_path).expanduser().is_file()
-        return self.base_components if single_file else self.pretrained_model_name_or_path
-
-    @property
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
 
-@dataclass
-class SampleConfig:
+@dataclass(kw_only=True)
+class SampleConfig(ModelSource):
     """sample.py: offline generation with a FLUX.1 model and any number of LoRAs."""
 
-    pretrained_model_name_or_path: str = flag(DEFAULT_MODEL, "diffusers folder or hub id of FLUX.1, or a single-file "
-                                                              "transformer checkpoint (.safetensors as BFL/ComfyUI "
-                                                              "ship it; the rest comes from --base_components)")
-    base_components: str = flag(DEFAULT_MODEL, "diffusers folder or hub id whose VAE, text encoders, tokenizers, "
-                                               "scheduler and transformer config go with a single-file "
-                                               "--pretrained_model_name_or_path")
-    revision: str | None = flag(None, "hub revision of the model (of --base_components for a single file)")
-    variant: str | None = flag(None, "weights variant of the model (e.g. fp16)")
     lora: list[str] = flag([], "LoRA files (diffusers, ai-toolkit or kohya sd-scripts format); several may be given")
     lora_scale: list[float] = flag([], "one scale per --lora (default 1.0 each)")
     prompt: list[str] = flag([], "prompts")
@@ -388,12 +400,7 @@ class SampleConfig:
     compile: bool = flag(False, "torch.compile the transformer's repeated blocks")
 
     def validate(self) -> None:
-        _check_model("pretrained_model_name_or_path", self.pretrained_model_name_or_path)
-        if self.single_file:
-            _check_model("base_components", self.base_components)
-            if Path(self.base_components).expanduser().is_file():
-                raise ConfigError("base_components", f"{self.base_components} is a file; give the diffusers folder "
-                                                     f"or hub id of a FLUX.1 pipeline such as {DEFAULT_MODEL}")
+        self.check_model()
         for name in ("width", "height"):
             _check_resolution(name, getattr(self, name))
         if not self.seed:
@@ -421,11 +428,6 @@ class SampleConfig:
             if needs_cuda and not torch.cuda.is_available():
                 raise ConfigError(name, "needs a CUDA GPU and none is visible; on the CPU use --quantize fp8 "
                                         "to save memory, or drop the flag")
-
-    @property
-    def single_file(self) -> bool:
-        """Whether the model is a single transformer file, the rest coming from --base_components."""
-        return Path(self.pretrained_model_name_or_path).expanduser().is_file()
 
     @property
     def lora_scales(self) -> list[float]:

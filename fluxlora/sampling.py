@@ -106,7 +106,7 @@ def _lora_for_diffusers(transformer: FluxTransformer2DModel, path: str) -> str |
 def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
     """FluxPipeline with the LoRAs loaded as adapters at their scales, then the memory and speed options."""
     dtype = DTYPES[cfg.mixed_precision]
-    components = cfg.base_components if cfg.single_file else cfg.pretrained_model_name_or_path
+    components = cfg.components
     quantization = None
     if cfg.quantize == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
