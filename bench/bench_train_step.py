@@ -25,6 +25,7 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.full_flux import random_transformer  # noqa: E402
 from fluxlora import cache as cache_mod  # noqa: E402
 from fluxlora import trainer as trainer_mod  # noqa: E402
 from fluxlora.config import TrainConfig  # noqa: E402
@@ -45,19 +46,6 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def random_flux_dev(*_args, **_kwargs):
-    """FLUX.1-dev's transformer (the diffusers default config) with random bf16 weights on the GPU."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = FluxTransformer2DModel(guidance_embeds=True)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    return model.requires_grad_(False)
 
 
 def write_synthetic_cache(folder: Path, res: int, images: int, seq_len: int = 512) -> Path:
@@ -114,7 +102,7 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, 
                       checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0,
                       gradient_checkpointing=checkpointing, compile=compile)
     cfg.validate()
-    trainer_mod.load_transformer = random_flux_dev
+    trainer_mod.load_transformer = lambda *_args, **_kwargs: random_transformer()  # instead of loading weights
     trainer = trainer_mod.Trainer(cfg)
     acc = trainer.accelerator
     cache = trainer.cache

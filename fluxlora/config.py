@@ -21,6 +21,8 @@ import yaml
 C = TypeVar("C")
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+# T5 tokens each released model was trained with (FluxPipeline's max_sequence_length)
+MAX_SEQUENCE_LENGTH: dict[str, int] = {"dev": 512, "schnell": 256}
 
 # The attention and MLP projections of both FLUX block types (diffusers module names). "proj_out"
 # also matches the transformer's final output projection, as in diffusers' example script.
@@ -145,7 +147,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
     return cfg
 
 
-def _check_resolution(name: str, value: int) -> None:
+def check_resolution(name: str, value: int) -> None:
     if value <= 0 or value % 16:
         raise ConfigError(name, f"{value} is not a positive multiple of 16 (FLUX packs 2x2 patches of "
                                 f"8x-downsampled latents); use e.g. 512, 768 or 1024")
@@ -199,7 +201,7 @@ class PrecomputeConfig:
         if not self.resolutions:
             raise ConfigError("resolutions", "give at least one resolution")
         for res in self.resolutions:
-            _check_resolution("resolutions", res)
+            check_resolution("resolutions", res)
         if self.max_aspect < 1:
             raise ConfigError("max_aspect", "must be at least 1")
         if self.max_upscale < 1:
@@ -351,9 +353,9 @@ class TrainConfig(ModelSource):
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError("checkpoints_total_limit", "must be at least 1")
         for name in ("validation_width", "validation_height"):
-            _check_resolution(name, getattr(self, name))
+            check_resolution(name, getattr(self, name))
         for res in self.resolutions:
-            _check_resolution("resolutions", res)
+            check_resolution("resolutions", res)
         if self.init_lora and not Path(self.init_lora).is_file():
             raise ConfigError("init_lora", f"{self.init_lora} does not exist")
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
@@ -402,7 +404,7 @@ class SampleConfig(ModelSource):
     def validate(self) -> None:
         self.check_model()
         for name in ("width", "height"):
-            _check_resolution(name, getattr(self, name))
+            check_resolution(name, getattr(self, name))
         if not self.seed:
             raise ConfigError("seed", "give at least one seed")
         for name in ("num_inference_steps", "batch_size"):

@@ -15,7 +15,7 @@ from .config import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-def _unloadable(name: str, err: Exception) -> str:
+def unloadable_message(name: str, err: Exception) -> str:
     """The message for a model folder or hub id that diffusers could not load."""
     return (f"cannot load {name}: {err}\nGive a diffusers folder (model_index.json, transformer/, vae/, ...) or a "
             f"hub id that is in the local cache (hf download {name}) or reachable.")
@@ -37,14 +37,14 @@ def load_transformer(name_or_path: str, *, base_components: str, revision: str |
                                                            variant=variant, dtype=dtype,
                                                            quantization_config=quantization_config)
         except OSError as err:
-            raise ConfigError("pretrained_model_name_or_path", _unloadable(name_or_path, err)) from None
+            raise ConfigError("pretrained_model_name_or_path", unloadable_message(name_or_path, err)) from None
         return model.requires_grad_(False)
     # Offline, from_single_file can only build the model from a local config; the components'
     # transformer config is the right one (a dev file needs dev's guidance embedding).
     try:
         FluxTransformer2DModel.load_config(base_components, subfolder="transformer", revision=revision)
     except OSError as err:
-        raise ConfigError("base_components", _unloadable(base_components, err)) from None
+        raise ConfigError("base_components", unloadable_message(base_components, err)) from None
     try:
         model = FluxTransformer2DModel.from_single_file(str(path), config=base_components, subfolder="transformer",
                                                         config_revision=revision, dtype=dtype,

@@ -19,8 +19,8 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,25 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from fluxlora import buckets
-from fluxlora.cache import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, STORED_DTYPE, TMP_SUFFIX,
-                            fingerprint_hash, image_key, index_name, normalize_fingerprint_value, sha256_file,
-                            shard_name, text_keys, write_atomic)
-from fluxlora.config import ConfigError, PrecomputeConfig
+from fluxlora.cache import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    STORED_DTYPE,
+    TMP_SUFFIX,
+    fingerprint_hash,
+    image_key,
+    index_name,
+    normalize_fingerprint_value,
+    sha256_file,
+    shard_name,
+    text_keys,
+    write_atomic,
+)
+from fluxlora.config import MAX_SEQUENCE_LENGTH, ConfigError, PrecomputeConfig
 from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
 
 OXEN_PREFIX = "oxen:"
-# T5 tokens FLUX.1 was trained with: FluxPipeline's default for dev; schnell's pipeline docs use 256.
-MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 PREPARE_THREADS = min(8, os.cpu_count() or 1)  # image decoding and resizing beside the VAE
 _SHARD_FILE = re.compile(r"^(text|images)-\d{5}-[0-9a-f]{12}(\.safetensors|\.json)$")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SampleConfig, _check_resolution
+from .config import ConfigError, SampleConfig, check_resolution
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _check_line(row: Any, where: str) -> None:
     for key in ("width", "height"):
         if key in row:
             try:
-                _check_resolution(key, int(row[key]))
+                check_resolution(key, int(row[key]))
             except ConfigError as err:  # the flag's own message, placed at the line
                 raise ConfigError("prompt_file", f"{where}: {err}") from None
 

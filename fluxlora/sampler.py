@@ -32,7 +32,6 @@ class Batch:
     """One process's share of a global batch: entries of one bucket with their sample indices."""
 
     position: int  # index of the global batch in the stream
-    epoch: int
     entries: tuple[ImageEntry, ...]
     sample_indices: tuple[int, ...]  # global index of each sample: seeds its noise and sigma
     drop_caption: tuple[bool, ...]  # train this sample on the empty caption
@@ -81,11 +80,11 @@ class BucketBatchStream:
 
     def batch(self, position: int, rank: int = 0, world_size: int = 1) -> Batch:
         """Slice `rank` of global batch `position`."""
-        epoch, indices = self._locate(position)
+        _, indices = self._locate(position)
         per_rank = self.global_batch // world_size
         first = position * self.global_batch + rank * per_rank
         sample_indices = tuple(range(first, first + per_rank))
-        return Batch(position=position, epoch=epoch,
+        return Batch(position=position,
                      entries=tuple(self.entries[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]),
                      sample_indices=sample_indices,
                      drop_caption=tuple(random.Random(f"{self.seed}:drop:{i}").random() < self.caption_dropout

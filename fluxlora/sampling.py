@@ -20,14 +20,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from diffusers import (AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel)
+from diffusers import (
+    AutoencoderKL,
+    BitsAndBytesConfig,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from .config import ConfigError, SampleConfig
+from .config import MAX_SEQUENCE_LENGTH, ConfigError, SampleConfig
 from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
-from .models import DTYPES, _unloadable, attention_backends, load_transformer
-from .precompute import MAX_SEQUENCE_LENGTH
+from .models import DTYPES, attention_backends, load_transformer, unloadable_message
 from .prompts import PromptJob, read_prompts
 
 
@@ -118,7 +122,7 @@ def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
                                             variant=cfg.variant, dtype=dtype)
     except OSError as err:
         raise ConfigError("base_components" if cfg.single_file else "pretrained_model_name_or_path",
-                          _unloadable(components, err)) from None
+                          unloadable_message(components, err)) from None
     names = [f"lora{i}" for i in range(len(cfg.lora))]
     for name, path in zip(names, cfg.lora):
         pipe.load_lora_weights(_lora_for_diffusers(pipe.transformer, path), adapter_name=name)

@@ -75,8 +75,6 @@ CLIP_MAX_LENGTH = 77
 T5_MODEL_MAX_LENGTH = 512
 """tokenizer_2.model_max_length in both real FLUX.1 repositories."""
 
-MAX_SEQUENCE_LENGTH: dict[str, int] = {"dev": 512, "schnell": 256}
-"""T5 sequence length each real model was trained with (FluxPipeline's max_sequence_length)."""
 
 # FLUX.1-dev/scheduler/scheduler_config.json and FLUX.1-schnell/scheduler/scheduler_config.json.
 # Both carry the same dynamic-shift parameters; schnell switches dynamic shifting off and uses a

@@ -272,10 +272,11 @@ class Trainer:
         if self.step % cfg.checkpointing_steps and self.step != cfg.max_train_steps:
             return
         path = self.save_checkpoint()
-        if cfg.oxen_upload_checkpoints and self.accelerator.is_main_process:
-            self.upload({f"checkpoints/{path.name}/{LORA_FILE}": path / LORA_FILE},
-                        f"checkpoint at step {self.step}")
-        self.accelerator.wait_for_everyone()
+        if cfg.oxen_upload_checkpoints:
+            if self.accelerator.is_main_process:
+                self.upload({f"checkpoints/{path.name}/{LORA_FILE}": path / LORA_FILE},
+                            f"checkpoint at step {self.step}")
+            self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
         cfg = self.cfg

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fluxlora import tiny
+from fluxlora.config import MAX_SEQUENCE_LENGTH
 
 IMAGE_SUFFIXES = {".jpg", ".png"}
 
@@ -45,7 +46,7 @@ def _generate(pipe: FluxPipeline, variant: str, prompt: str, **kwargs):
         width=96,
         num_inference_steps=2,
         guidance_scale=3.5 if variant == "dev" else 0.0,
-        max_sequence_length=tiny.MAX_SEQUENCE_LENGTH[variant],
+        max_sequence_length=MAX_SEQUENCE_LENGTH[variant],
         generator=torch.Generator().manual_seed(0),
         **kwargs,
     )
