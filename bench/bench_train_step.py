@@ -6,15 +6,18 @@ fields as ../shared/perf/reference_step.py (run that in the same call, on the sa
 
     python .perf/reference_step.py --res 512 1024 --batch 1
     python bench/bench_train_step.py --res 512 1024 --batch 1
+    accelerate launch --num_processes 4 bench/bench_train_step.py --res 1024   # DDP: images/s of all GPUs
 
 Speed does not depend on the weights, so the model is built randomly on the GPU instead of loaded.
 MFU: 2 x forward FLOPs per step (LoRA needs no weight gradients of the frozen base, so the backward
-costs about one forward) over the bf16 matmul rate measured in this run.
+costs about one forward; counted from the architecture, `forward_flops`) over the bf16 matmul rate
+measured in this run (also for fp8 rows, so that they compare).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -83,24 +86,24 @@ def write_synthetic_cache(folder: Path, res: int, images: int, seq_len: int = 51
     return folder
 
 
-def forward_flops(trainer: trainer_mod.Trainer, batches) -> int:
-    """FLOPs of one forward of the trainer's model on its own next batch (torch's FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def forward_flops(height: int, width: int, batch: int, text_tokens: int = 512) -> float:
+    """Model FLOPs of one FLUX.1 forward (matmuls and attention; norms, RoPE and the modulation's
+    one-row matmuls are under 0.5%): every token meets 113M weights in each of the 19 double- and
+    38 single-stream blocks, and attention costs 4 * S^2 * 3072 per block over S = text + image tokens.
+    The same count whatever the precision or compilation, so fp8 and bf16 rows compare directly."""
+    tokens = text_tokens + (height // 16) * (width // 16)
+    d, mlp = 3072, 12288
+    per_token = 4 * d * d + 2 * d * mlp  # q, k, v, out and the MLP: the same in both block types
+    return batch * 57 * (2 * per_token * tokens + 4 * tokens**2 * d)
 
-    batch, data = next(batches)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, trainer.accelerator.autocast():
-        trainer.loss(batch, data)
-    return counter.get_total_flops()
 
-
-def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, workdir: Path, peak: float) -> dict:
+def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **options) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
     cfg = TrainConfig(embeddings_dir=str(cache), output_dir=str(workdir / f"run-{res}-{batch}"),
                       pretrained_model_name_or_path=MODEL_ID, train_batch_size=batch, max_train_steps=10**6,
-                      checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0,
-                      gradient_checkpointing=checkpointing, compile=compile)
+                      checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0, **options)
     cfg.validate()
     trainer_mod.load_transformer = lambda *_args, **_kwargs: random_transformer()  # instead of loading weights
     trainer = trainer_mod.Trainer(cfg)
@@ -109,8 +112,7 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, 
     batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
                        lambda b: load_batch(cache, b, pin=True))
     window = trainer_mod._Window(trainer.device)
-    flops = None if compile else forward_flops(trainer, batches)  # FLOPs do not depend on compilation
-    for _ in range(3 if compile else 2):
+    for _ in range(3 if cfg.compile else 2):
         trainer.train_step(batches, window)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -120,12 +122,13 @@ def bench(res: int, batch: int, steps: int, checkpointing: bool, compile: bool, 
     torch.cuda.synchronize()
     sec = (time.perf_counter() - start) / steps
     loss = window.flush(acc)["loss"]
-    row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), res=res, batch=batch,
-               checkpointing=checkpointing, compiled=compile, s_per_step=round(sec, 4), img_per_s=round(batch / sec, 3),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), matmul_peak_tflops=round(peak, 1),
-               loss=round(loss, 4))
-    if flops:
-        row.update(model_tflops=round(2 * flops / sec / 1e12, 1), mfu=round(2 * flops / sec / 1e12 / peak, 3))
+    flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
+    row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, res=res, batch=batch,
+               checkpointing=cfg.gradient_checkpointing or cfg.low_memory, compiled=cfg.compile,
+               base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
+               img_per_s=round(batch * acc.num_processes / sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               model_tflops=round(flops / sec / 1e12, 1), mfu_bf16=round(flops / sec / 1e12 / peak, 3),
+               matmul_peak_tflops=round(peak, 1), loss=round(loss, 4))
     batches.close()  # stops the prefetch thread, which holds the trainer
     del trainer, batches
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -140,14 +143,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gradient_checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="the trainer's --compile (regional torch.compile)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="the trainer's --compile (regional torch.compile, its default)")
+    ap.add_argument("--base_model_precision", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--low_memory", action="store_true")
     args = ap.parse_args()
     peak = matmul_tflops()
+    options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                   base_model_precision=args.base_model_precision, low_memory=args.low_memory)
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:
-                row = bench(res, batch, args.steps, args.gradient_checkpointing, args.compile, Path(tmp), peak)
-                print(json.dumps(row), flush=True)
+                row = bench(res, batch, args.steps, Path(tmp), peak, **options)
+                if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: images/s of all processes
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
