@@ -26,7 +26,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = amax.clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    # row-major whatever x's layout (elementwise ops keep a transposed input's strides): _scaled_mm
+    # takes its left operand row-major and its right one as the transpose of a row-major tensor
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3, memory_format=torch.contiguous_format)
+    return q, scale
 
 
 class _Fp8Matmul(torch.autograd.Function):
@@ -67,6 +70,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        self.compute_dtype = weight.dtype  # inputs come in fp32 from autocast's norms; nn.Linear would cast
         # non-persistent: the frozen base is never saved (checkpoints hold the LoRA only)
         for name, tensor in zip(("weight_fp8", "weight_scale"), quantize_rows(weight)):
             self.register_buffer(name, tensor, persistent=False)
@@ -77,7 +81,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
-        out = _Fp8Matmul.apply(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale,
+        out = _Fp8Matmul.apply(x.reshape(-1, self.in_features).to(self.compute_dtype), self.weight_fp8, self.weight_scale,
                                self.weight_t_fp8, self.weight_t_scale)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)

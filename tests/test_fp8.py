@@ -87,3 +87,12 @@ def test_fp8_base_needs_bf16_mixed_precision(demo_cache, tiny_flux_dev, tmp_path
     value = "fp8" if flag_name == "base_model_precision" else True
     with pytest.raises(ConfigError, match=f"--{flag_name}: .*--mixed_precision bf16"):
         train_config(demo_cache, tiny_flux_dev, tmp_path, **{flag_name: value})
+
+
+def test_fp8_operands_are_row_major_and_outputs_in_the_weight_dtype():
+    """CUDA's _scaled_mm needs row-major quantized operands; the CPU kernel does not check, so check here."""
+    q, _ = fp8.quantize_rows(torch.randn(32, 8).t())  # a transposed (column-major) input
+    assert q.is_contiguous()
+    layer = fp8.Fp8Linear(nn.Linear(32, 16).to(torch.bfloat16).requires_grad_(False))
+    assert layer.weight_fp8.is_contiguous() and layer.weight_t_fp8.is_contiguous()
+    assert layer(torch.randn(3, 32)).dtype == torch.bfloat16  # fp32 input, as autocast's norms give
