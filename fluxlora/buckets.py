@@ -136,16 +136,45 @@ def resize_to_bucket(image: PIL.Image.Image, bucket: tuple[int, int]) -> PIL.Ima
     return ImageOps.fit(image, bucket, method=PIL.Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
+# The VAE's input value of each uint8 level, as diffusers' VaeImageProcessor computes it: uint8 / 255 in
+# float32 (numpy's true division), then 2 * x - 1. Looked up rather than recomputed where the pixels are:
+# CUDA divides by a Python scalar as a multiplication by its reciprocal, which differs from the division in
+# the last bit for 126 of the 256 levels (and, after rounding to bf16, still for one).
+_LEVELS = 2.0 * torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)) - 1.0
+
+
+@lru_cache(maxsize=8)
+def _levels_on(device: torch.device) -> torch.Tensor:
+    # Copied once per device: a blocking copy per batch would wait for all the device work queued before it.
+    return _LEVELS.to(device)
+
+
+def image_to_pixels(image: PIL.Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 tensor [3, H, W] (channels first, contiguous)."""
+    if image.mode != "RGB":
+        raise ValueError(f"the VAE needs an RGB image, got mode {image.mode!r}")
+    # np.asarray of a PIL image is read-only (torch warns on it); the channels-first copy is ours.
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] as the VAE's input: values in [-1, 1] as ``dtype``, on the pixels' device.
+
+    Before the cast, bit-identical to ``diffusers.VaeImageProcessor(do_resize=False).preprocess``:
+    ``uint8 / 255`` in float32, then ``2 * x - 1``; on any device.
+    """
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"normalize_pixels needs uint8 pixels, got {pixels.dtype}")
+    return _levels_on(pixels.device)[pixels.int()].to(dtype)
+
+
 def pixels_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     """An RGB image as the VAE's input: float32 tensor [3, H, W] in [-1, 1].
 
     Bit-identical to ``diffusers.VaeImageProcessor(do_resize=False).preprocess(image)[0]``:
     ``uint8 / 255`` in float32, then ``2 * x - 1``.
     """
-    if image.mode != "RGB":
-        raise ValueError(f"pixels_to_tensor needs an RGB image, got mode {image.mode!r}")
-    array = np.asarray(image).astype(np.float32) / 255.0  # [H, W, 3] in [0, 1]
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1).contiguous() - 1.0
+    return normalize_pixels(image_to_pixels(image))
 
 
 def format_bucket_table(

@@ -13,6 +13,7 @@ the main process merges the indexes into manifest.json.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
@@ -51,6 +52,7 @@ from fluxlora.config import MAX_SEQUENCE_LENGTH, ConfigError, PrecomputeConfig
 from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
 
 OXEN_PREFIX = "oxen:"
+T5_ATTENTION = "fluxlora_t5"  # the attn_implementation name of _t5_attention in transformers' registry
 PREPARE_THREADS = min(8, os.cpu_count() or 1)  # image decoding and resizing beside the VAE
 _SHARD_FILE = re.compile(r"^(text|images)-\d{5}-[0-9a-f]{12}(\.safetensors|\.json)$")
 
@@ -259,8 +261,46 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def _t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, *, scaling: float, position_bias: torch.Tensor,
+                  dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """T5 attention as one fused SDPA call, registered with transformers' AttentionInterface.
+
+    Computes what transformers' eager T5 attention does, softmax(q k^T * scaling + position_bias +
+    attention_mask) v, in a fused kernel that never holds the [B, heads, Lq, Lk] scores. T5 does not
+    scale by 1 / sqrt(head_dim): `scaling` is 1.0 and must be passed on, SDPA's default would apply it.
+
+    Args:
+        query: [B, heads, Lq, head_dim]; key, value: [B, heads, Lk, head_dim].
+        attention_mask: additive float mask [B, 1, Lq, Lk] (eager's format: 0 or the dtype's minimum), or None.
+        position_bias: [1 or B, heads, Lq, Lk], T5's relative position bias.
+
+    Returns:
+        ([B, Lq, heads, head_dim], None): no attention weights, as transformers' sdpa returns.
+    """
+    mask = position_bias if attention_mask is None else position_bias + attention_mask
+    # Contiguous: the bias is a permuted embedding lookup whose last dimension has stride `heads`, and
+    # SDPA's fused kernels need stride 1 there; otherwise it silently takes its math kernel, which makes
+    # fp32 copies of the [B, heads, Lq, Lk] scores (as transformers 5.17's own sdpa path for T5 does).
+    mask = mask.to(query.dtype).contiguous()
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_t5_attention(t5: Any) -> None:
+    """Run `t5` (a transformers T5 model) with _t5_attention, under the name T5_ATTENTION."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(T5_ATTENTION, _t5_attention)
+    # A padding mask in eager's additive format; unregistered names would get no mask at all.
+    AttentionMaskInterface.register(T5_ATTENTION, eager_mask)
+    t5.set_attn_implementation(T5_ATTENTION)
+
+
 def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device) -> Any:
-    """FluxPipeline with only the tokenizers and text encoders (no transformer, no VAE)."""
+    """FluxPipeline with only the tokenizers and text encoders (no transformer, no VAE); T5 runs _t5_attention."""
     from diffusers import FluxPipeline
 
     try:
@@ -270,6 +310,7 @@ def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device) -> Any:
     except (OSError, ValueError) as err:
         raise ConfigError("pretrained_model_name_or_path", f"cannot load the text encoders of "
                                                            f"{cfg.pretrained_model_name_or_path}: {err}") from err
+    _use_t5_attention(pipe.text_encoder_2)
     return pipe.to(device)
 
 
@@ -297,6 +338,27 @@ def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """TF32 for fp32 matmuls on CUDA inside the block; the previous setting is restored after it.
+
+    transformers keeps T5's `wo` layers in fp32 (`_keep_in_fp32_modules`): without TF32 their GEMMs run
+    without tensor cores and took 45% of the text encoding on an H100. TF32 keeps fp32 accumulation, and
+    the activations entering `wo` are bf16 values, which TF32's 10-bit mantissa holds exactly (as it holds
+    weights stored in bf16).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision  # the per-backend API: mixing it with allow_tf32 makes torch raise
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 @torch.inference_mode()
 def encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: int,
                     batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -305,28 +367,62 @@ def encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: int
     Returns:
         Per caption: (T5 last_hidden_state [max_sequence_length, d_model], CLIP pooler_output [hidden]).
     """
+    # Imported here, like diffusers: a rerun that finds every shard finished loads neither.
+    from fluxlora.models import attention_backends
+
+    device = pipe.text_encoder.device
     out = []
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
-        t5, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=pipe.text_encoder.device,
-                                           max_sequence_length=max_sequence_length)
+        with _tf32_matmuls(device), attention_backends(device):
+            t5, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)
         t5, pooled = t5.to("cpu", STORED_DTYPE), pooled.to("cpu", STORED_DTYPE)
         # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
         out += [(_own(t5[i]), _own(pooled[i])) for i in range(len(batch))]
     return out
 
 
-@torch.inference_mode()
-def encode_images(vae: Any, images: Sequence[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """VAE posterior of same-size RGB images, before FLUX's shift/scale.
+@dataclass
+class _EncodedBatch:
+    """A VAE batch whose posterior is on its way to the CPU: on CUDA, `mean` and `std` are pinned buffers
+    that a queued copy fills, and `done` is an event recorded after that copy."""
 
-    Returns:
-        Per image: (mean, std), each [16, H / 8, W / 8] bf16 on the CPU.
+    mean: torch.Tensor  # [B, 16, H / 8, W / 8] bf16
+    std: torch.Tensor
+    done: torch.cuda.Event | None  # None where the copy had finished on return (CPU)
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (mean, std), each [16, H / 8, W / 8]; waits for the copy."""
+        if self.done is not None:
+            self.done.synchronize()
+        # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
+        return [(_own(self.mean[i]), _own(self.std[i])) for i in range(len(self.mean))]
+
+
+@torch.inference_mode()
+def encode_images(vae: Any, pixels: torch.Tensor) -> _EncodedBatch:
+    """VAE posterior of a batch of same-size images, before FLUX's shift/scale, moved to the CPU as bf16.
+
+    On CUDA this only queues the work (copy in, normalisation, VAE, copy out) and returns: the host
+    can prepare and submit the next batch while the device runs this one.
+
+    Args:
+        pixels: uint8 [B, 3, H, W] on the CPU (buckets.image_to_pixels of RGB images).
     """
-    pixels = torch.stack([buckets.pixels_to_tensor(image) for image in images])  # [B, 3, H, W] in [-1, 1]
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    mean, std = dist.mean.to("cpu", STORED_DTYPE), dist.std.to("cpu", STORED_DTYPE)
-    return [(_own(mean[i]), _own(std[i])) for i in range(len(images))]
+    cuda = vae.device.type == "cuda"
+    # From pinned memory the copy to the device is queued on the stream instead of blocking the host.
+    pixels = (pixels.pin_memory() if cuda else pixels).to(vae.device, non_blocking=cuda)
+    dist = vae.encode(buckets.normalize_pixels(pixels, vae.dtype)).latent_dist
+    # A non-blocking copy to the CPU lands in pinned memory, in stream order right after this batch's VAE,
+    # so waiting for it later does not wait for batches submitted after it.
+    mean = dist.mean.to("cpu", STORED_DTYPE, non_blocking=cuda)
+    std = dist.std.to("cpu", STORED_DTYPE, non_blocking=cuda)
+    done = None
+    if cuda:
+        done = torch.cuda.Event()
+        done.record()
+    return _EncodedBatch(mean, std, done)
 
 
 @dataclass
@@ -360,17 +456,18 @@ def _plan_image_shard(shard: _ImageShard) -> list[_ImageData]:
 
 @dataclass
 class _Prepared:
-    """One sample decoded and bucketed: per (resolution, flip), its entry, tensor key and resized image."""
+    """One sample decoded and bucketed: per (resolution, flip), its entry, tensor key, bucket and pixels
+    (buckets.image_to_pixels of the resized image: uint8 [3, height, width])."""
 
-    crops: list[tuple[dict[str, Any], str, tuple[int, int], Image.Image]]
+    crops: list[tuple[dict[str, Any], str, tuple[int, int], torch.Tensor]]
     skip: str | None = None
     resolution_skips: list[dict[str, Any]] | None = None
 
 
 def _prepare(sample: _Sample, item: _ImageData, shard_name_: str, cfg: PrecomputeConfig,
              resolutions: list[int]) -> _Prepared:
-    """Decode, bucket and (flip,) resize one image: host work, run on a thread pool (PIL releases the
-    GIL while decoding and resampling) so that it overlaps with the VAE on the device."""
+    """Decode, bucket, (flip,) resize one image and take its pixels: host work, run on a thread pool (PIL
+    releases the GIL while decoding and resampling) so that it overlaps with the VAE on the device."""
     source, sid = sample.raw.source, item.sample_id
     if item.blob is None or sid is None:  # no caption, or the bytes could not be read
         return _Prepared([], sample.skip_reason or item.error)
@@ -388,11 +485,12 @@ def _prepare(sample: _Sample, item: _ImageData, shard_name_: str, cfg: Precomput
             continue
         for flipped in ((False, True) if cfg.flip_copies else (False,)):
             # Flip the decoded image, then bucket it: the copy is exactly a mirrored image's encoding.
-            pil = buckets.resize_to_bucket(ImageOps.mirror(image) if flipped else image, bucket)
+            pixels = buckets.image_to_pixels(
+                buckets.resize_to_bucket(ImageOps.mirror(image) if flipped else image, bucket))
             entry = {"sample_id": sid, "caption_id": caption_id(sample.caption), "resolution": resolution,
                      "width": bucket[0], "height": bucket[1], "flipped": flipped, "shard": shard_name_,
                      "source": source}
-            crops.append((entry, image_key(sid, resolution, flipped), bucket, pil))
+            crops.append((entry, image_key(sid, resolution, flipped), bucket, pixels))
     if not crops:
         smallest = min(factor for _, _, factor in needed)
         return _Prepared([], f"{width}x{height} pixels would need {smallest:.2f}x upscaling even at the smallest "
@@ -410,12 +508,23 @@ def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cf
     skips: list[dict[str, str]] = []
     resolution_skips: list[dict[str, Any]] = []
     first_source: dict[str, str] = {}
-    queues: dict[tuple[int, int], list[tuple[str, Image.Image]]] = defaultdict(list)
+    queues: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    submitted: tuple[list[str], _EncodedBatch] | None = None  # the last batch given to the VAE
+
+    def store(keys: list[str], batch: _EncodedBatch) -> None:
+        for key, (mean, std) in zip(keys, batch.rows()):
+            tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean, std
 
     def flush(size: tuple[int, int]) -> None:
+        nonlocal submitted
         items = queues.pop(size)
-        for (key, _), (mean, std) in zip(items, encode_images(vae, [image for _, image in items])):
-            tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean, std
+        batch = encode_images(vae, torch.stack([pixels for _, pixels in items]))
+        # The previous batch is stored only now, with this one queued behind it: the device runs this
+        # batch while the host stores the last one and prepares the next. Batches are stored in
+        # submission order, so timing cannot change the shard.
+        if submitted is not None:
+            store(*submitted)
+        submitted = ([key for key, _ in items], batch)
 
     with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
         # map keeps the listing order, so the shard's contents do not depend on thread timing
@@ -432,13 +541,15 @@ def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cf
                 continue
             first_source[sid] = source
             resolution_skips += ready.resolution_skips or []
-            for entry, key, bucket, pil in ready.crops:
+            for entry, key, bucket, pixels in ready.crops:
                 entries.append(entry)
-                queues[bucket].append((key, pil))
+                queues[bucket].append((key, pixels))
                 if len(queues[bucket]) >= cfg.vae_batch_size:
                     flush(bucket)
     for size in sorted(queues):
         flush(size)
+    if submitted is not None:
+        store(*submitted)
     index = {"kind": "images", "index": shard.index, "plan": shard.plan, "samples": len(shard.samples),
              "entries": entries, "skips": skips, "resolution_skips": resolution_skips}
     return tensors, index

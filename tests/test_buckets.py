@@ -10,7 +10,9 @@ from PIL import Image
 from fluxlora.buckets import (
     bucket_table,
     format_bucket_table,
+    image_to_pixels,
     nearest_bucket,
+    normalize_pixels,
     pixels_to_tensor,
     render_bucket_docs,
     resize_to_bucket,
@@ -161,6 +163,21 @@ def test_pixels_to_tensor_extremes_and_mode():
     assert tensor[:, 0, 0].tolist() == [-1.0] * 3 and tensor[:, 0, 1].tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="RGB"):
         pixels_to_tensor(Image.new("L", (2, 2)))
+
+
+def test_every_uint8_level_normalizes_as_diffusers():
+    levels = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1)[None])  # 256x1 RGB
+    pixels = image_to_pixels(image)
+    assert pixels.shape == (3, 1, 256) and pixels.dtype == torch.uint8 and pixels.is_contiguous()
+    assert torch.equal(pixels, torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    theirs = VaeImageProcessor(do_resize=False).preprocess(image)[0]
+    assert torch.equal(normalize_pixels(pixels), theirs)
+    # A batch, cast as the VAE on a GPU takes it: the same as casting diffusers' float32 values.
+    batch = torch.stack([pixels, pixels.flip(-1)])
+    assert torch.equal(normalize_pixels(batch, torch.bfloat16), torch.stack([theirs, theirs.flip(-1)]).bfloat16())
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(pixels.float())
 
 
 def test_format_bucket_table_rows():

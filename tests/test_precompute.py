@@ -103,6 +103,39 @@ def test_text_equals_flux_encode_prompt(built, text_pipe, demo_dir):
     assert not torch.equal(cache.text(first)[0], cache.text(second)[0])
 
 
+def test_t5_runs_the_registered_sdpa_attention_which_equals_eager(tmp_path, tiny_flux_dev):
+    cfg = make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev)
+    t5 = precompute._load_text_pipeline(cfg, torch.device("cpu")).text_encoder_2
+    assert t5.config._attn_implementation == precompute.T5_ATTENTION  # what precompute encodes with
+    ids = torch.randint(1, t5.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones_like(ids)
+    padding[1, 15:] = 0
+
+    def states() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [t5(ids).last_hidden_state, t5(ids, attention_mask=padding).last_hidden_state]
+
+    ours = states()
+    t5.set_attn_implementation("eager")
+    assert t5.config._attn_implementation == "eager"
+    eager = states()
+    for mine, theirs in zip(ours, eager):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(eager[0][1], eager[1][1], atol=1e-3)  # the padding mask mattered, and was kept
+
+
+def test_tf32_only_inside_text_encoding_on_cuda():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with precompute._tf32_matmuls(torch.device("cpu")):
+        assert matmul.fp32_precision == before
+    with pytest.raises(KeyboardInterrupt), precompute._tf32_matmuls(torch.device("cuda")):
+        assert matmul.fp32_precision == "tf32"
+        raise KeyboardInterrupt
+    assert matmul.fp32_precision == before
+
+
 def test_latents_equal_vae_posterior_of_the_bucketed_image(built, vae):
     _, _, cache = built
     assert len(cache.entries) == 12 * len(RESOLUTIONS) * 2  # every image, resolution and flip
@@ -121,6 +154,31 @@ def test_latents_equal_vae_posterior_of_the_bucketed_image(built, vae):
     some = cache.entries[0]
     flipped = by_key[(some.sample_id, some.resolution, True)]
     assert not torch.equal(cache.latent_dist(some)[0], cache.latent_dist(flipped)[0])
+
+
+def test_each_vae_batch_is_stored_after_the_next_is_submitted(tmp_path, tiny_flux_dev, demo_dir, accelerator,
+                                                              monkeypatch):
+    data = copy_images(demo_dir, tmp_path / "data", 4)
+    encode, rows = precompute.encode_images, precompute._EncodedBatch.rows
+    events = []
+
+    def spy_encode(vae, pixels):
+        assert pixels.dtype == torch.uint8 and pixels.shape[:2] == (1, 3)  # [B, 3, H, W]: normalised on the device
+        events.append("submit")
+        return encode(vae, pixels)
+
+    def spy_rows(batch):
+        events.append("store")
+        return rows(batch)
+
+    monkeypatch.setattr(precompute, "encode_images", spy_encode)
+    monkeypatch.setattr(precompute._EncodedBatch, "rows", spy_rows)
+    cfg = make_cfg(data, tmp_path / "cache", tiny_flux_dev, resolutions=[64], max_sequence_length=SHORT_L,
+                   shard_size=4, vae_batch_size=1)
+    precompute.run(cfg, accelerator)
+    # One image per batch, one shard: each batch waits in the queue until the next one is submitted.
+    assert events == ["submit"] + ["submit", "store"] * 3 + ["store"]
+    assert len(EmbeddingCache(tmp_path / "cache").entries) == 4
 
 
 def test_every_entry_has_its_own_images_caption(built):
