@@ -126,7 +126,8 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, res=res, batch=batch,
                checkpointing=cfg.gradient_checkpointing or cfg.low_memory, compiled=cfg.compile,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
-               img_per_s=round(batch * acc.num_processes / sec, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               img_per_s=round(batch * acc.num_processes / sec, 3),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                model_tflops=round(flops / sec / 1e12, 1), mfu_bf16=round(flops / sec / 1e12 / peak, 3),
                matmul_peak_tflops=round(peak, 1), loss=round(loss, 4))
     batches.close()  # stops the prefetch thread, which holds the trainer

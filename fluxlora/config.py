@@ -403,8 +403,8 @@ class SampleConfig(ModelSource):
     max_sequence_length: int | None = flag(None, "T5 tokens; when not given 512 for dev, 256 for schnell")
     compare: bool = flag(False, "also render without the LoRAs, same seeds, side by side")
     mixed_precision: str = flag("bf16", "weights and compute dtype", choices=["bf16", "fp16", "no"])
-    quantize: str = flag("none", "store the transformer in 4-bit NF4 (bitsandbytes, CUDA only) or in fp8 "
-                                 "(cast to --mixed_precision layer by layer as it runs)",
+    quantize: str = flag("none", "store the transformer in 4-bit NF4 (bitsandbytes, CUDA only) or its blocks in "
+                                 "fp8, multiplied in fp8 on Ada/Hopper GPUs (faster) and dequantized elsewhere",
                          choices=["none", "nf4", "fp8"])
     cpu_offload: bool = flag(False, "keep models on the CPU and move each to the GPU when used (CUDA only)")
     vae_tiling: bool = flag(False, "decode in tiles (large images in less memory)")

@@ -59,16 +59,24 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """fp8 tensor cores: Ada and Hopper (compute capability 8.9+); the CPU kernel is for tests."""
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
 class Fp8Linear(nn.Module):
     """A frozen `nn.Linear` whose matmuls run in fp8: same inputs, outputs and gradients for x.
 
     `keep_transpose` also stores W.T in fp8 for an fp8 backward (the same bytes as the bf16 weight);
     without it the weight takes half the bf16 memory and the backward dequantizes it per layer.
+    Without `fp8_matmul` (GPUs before Ada) the weight is only stored in fp8 and dequantized per layer.
     """
 
-    def __init__(self, linear: nn.Linear, keep_transpose: bool = True):
+    def __init__(self, linear: nn.Linear, keep_transpose: bool = True, fp8_matmul: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.fp8_matmul = fp8_matmul
+        keep_transpose = keep_transpose and fp8_matmul
         weight = linear.weight.detach()
         self.compute_dtype = weight.dtype  # inputs come in fp32 from autocast's norms; nn.Linear would cast
         # non-persistent: the frozen base is never saved (checkpoints hold the LoRA only)
@@ -80,15 +88,18 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype."""
-        out = _Fp8Matmul.apply(x.reshape(-1, self.in_features).to(self.compute_dtype), self.weight_fp8, self.weight_scale,
-                               self.weight_t_fp8, self.weight_t_scale)
+        """x [..., in_features] -> [..., out_features] in the original weight's dtype."""
+        if not self.fp8_matmul:
+            weight = (self.weight_fp8.float() * self.weight_scale).to(self.compute_dtype)
+            return nn.functional.linear(x.to(self.compute_dtype), weight, self.bias)
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        out = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"fp8_backward={self.weight_t_fp8 is not None}")
+                f"fp8_matmul={self.fp8_matmul}, fp8_backward={self.weight_t_fp8 is not None}")
 
 
 def _converts(name: str, module: nn.Module) -> bool:
@@ -99,19 +110,23 @@ def _converts(name: str, module: nn.Module) -> bool:
     return not any(p.startswith("lora_") or p.startswith("norm") for p in parts)
 
 
-def quantize_blocks(transformer: nn.Module, device: torch.device, keep_transpose: bool = True) -> int:
+def quantize_blocks(transformer: nn.Module, device: torch.device, keep_transpose: bool = True,
+                    move: bool = True) -> int:
     """Replace the frozen linear layers of every FLUX block (inside PEFT's LoRA wrappers too) by
-    `Fp8Linear`, moving block by block to `device`: the peak is the converted blocks plus one bf16
-    block, so a model loaded on the CPU never needs its bf16 size on the GPU. Returns the count.
+    `Fp8Linear` for running on `device`. With `move`, block by block on `device`: the peak is the
+    converted blocks plus one bf16 block, so a model loaded on the CPU never needs its bf16 size on
+    the GPU; without, where the blocks are (CPU offloading). Returns the count.
 
     Add the LoRA first: PEFT would otherwise cast new adapters to the base weight's (fp8) dtype.
     """
+    fp8_matmul = fp8_matmul_supported(device)
     count = 0
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        block.to(device)
+        if move:
+            block.to(device)
         for name, module in list(block.named_modules()):
             if _converts(name, module):
                 parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, Fp8Linear(module, keep_transpose))
+                setattr(block.get_submodule(parent), child, Fp8Linear(module, keep_transpose, fp8_matmul))
                 count += 1
     return count

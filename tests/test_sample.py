@@ -286,7 +286,8 @@ def test_fp8_storage_stays_close_to_bf16(tiny_flux_dev, loras, tmp_path, acceler
     pipe = load_pipeline(make_cfg(tiny_flux_dev, tmp_path, lora=[loras["a"]], quantize="fp8", **bf16),
                          accelerator.device)
     linear = pipe.transformer.transformer_blocks[0].attn.to_q
-    assert linear.base_layer.weight.dtype == torch.float8_e4m3fn  # stored in fp8
+    assert linear.base_layer.weight_fp8.dtype == torch.float8_e4m3fn  # stored in fp8, one copy (no backward)
+    assert linear.base_layer.weight_t_fp8 is None
     assert linear.lora_A["lora0"].weight.dtype == torch.bfloat16  # LoRA layers are left alone
 
     images = {}
