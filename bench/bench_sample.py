@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.full_flux import random_pipeline  # noqa: E402
+from fluxlora import fp8  # noqa: E402
 from fluxlora.models import attention_backends  # noqa: E402
 from fluxlora.prompts import PromptJob  # noqa: E402
 from fluxlora.sampling import render_jobs  # noqa: E402
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--compile", action="store_true", help="sample.py --compile (regional torch.compile)")
+    ap.add_argument("--fp8", action="store_true", help="then also sample.py --quantize fp8")
     args = ap.parse_args()
     pipe = random_pipeline("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -66,6 +68,13 @@ def main() -> None:
         sec = timed(ours, args.images)
         print(json.dumps(dict(impl="fluxlora sample.py", card=card, size=args.size, steps=args.steps, compiled=True,
                               s_per_image=round(sec, 3))), flush=True)
+    if args.fp8:  # sample.py --quantize fp8 (as load_pipeline applies it), compiled as above if --compile
+        fp8.quantize_blocks(pipe.transformer, device, keep_transpose=False)
+        torch.cuda.reset_peak_memory_stats()
+        sec = timed(ours, args.images)
+        print(json.dumps(dict(impl="fluxlora sample.py --quantize fp8", card=card, size=args.size, steps=args.steps,
+                              compiled=args.compile, s_per_image=round(sec, 3),
+                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
 
 
 if __name__ == "__main__":
