@@ -359,49 +359,64 @@ def _tf32_matmuls(device: torch.device) -> Iterator[None]:
         matmul.fp32_precision = previous
 
 
+@dataclass
+class _HostCopy:
+    """Device results on their way to the CPU: on CUDA, `tensors` are pinned buffers that a queued copy
+    fills, and `done` is an event recorded after that copy (None where the copy finished on return)."""
+
+    tensors: tuple[torch.Tensor, ...]  # each [B, ...] bf16
+    done: torch.cuda.Event | None
+
+    def rows(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per batch row, one owned tensor of each; waits for the copy."""
+        if self.done is not None:
+            self.done.synchronize()
+        # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
+        return [tuple(_own(t[i]) for t in self.tensors) for i in range(len(self.tensors[0]))]
+
+
+def _to_host(*tensors: torch.Tensor) -> _HostCopy:
+    """Queue copies of device tensors to the CPU as bf16. A non-blocking copy lands in pinned memory in
+    stream order right after the work that made them, so waiting for it later does not wait for work
+    submitted after it: the host can submit the next batch first."""
+    cuda = tensors[0].device.type == "cuda"
+    copies = tuple(t.to("cpu", STORED_DTYPE, non_blocking=cuda) for t in tensors)
+    done = None
+    if cuda:
+        done = torch.cuda.Event()
+        done.record()
+    return _HostCopy(copies, done)
+
+
 @torch.inference_mode()
 def encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: int,
-                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    batch_size: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """FluxPipeline.encode_prompt on `captions` in batches, moved to the CPU as bf16.
 
-    Returns:
-        Per caption: (T5 last_hidden_state [max_sequence_length, d_model], CLIP pooler_output [hidden]).
+    Yields per batch, in order, per caption: (T5 last_hidden_state [max_sequence_length, d_model], CLIP
+    pooler_output [hidden]). One batch behind the device: a batch is yielded once the next one is
+    submitted, so tokenizing and storing overlap with the encoders.
     """
     # Imported here, like diffusers: a rerun that finds every shard finished loads neither.
     from fluxlora.models import attention_backends
 
     device = pipe.text_encoder.device
-    out = []
+    pending: _HostCopy | None = None
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
         with _tf32_matmuls(device), attention_backends(device):
             t5, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
                                                max_sequence_length=max_sequence_length)
-        t5, pooled = t5.to("cpu", STORED_DTYPE), pooled.to("cpu", STORED_DTYPE)
-        # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
-        out += [(_own(t5[i]), _own(pooled[i])) for i in range(len(batch))]
-    return out
-
-
-@dataclass
-class _EncodedBatch:
-    """A VAE batch whose posterior is on its way to the CPU: on CUDA, `mean` and `std` are pinned buffers
-    that a queued copy fills, and `done` is an event recorded after that copy."""
-
-    mean: torch.Tensor  # [B, 16, H / 8, W / 8] bf16
-    std: torch.Tensor
-    done: torch.cuda.Event | None  # None where the copy had finished on return (CPU)
-
-    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image (mean, std), each [16, H / 8, W / 8]; waits for the copy."""
-        if self.done is not None:
-            self.done.synchronize()
-        # Own contiguous copies: rows of one batch share storage, which safetensors refuses to save.
-        return [(_own(self.mean[i]), _own(self.std[i])) for i in range(len(self.mean))]
+        submitted = _to_host(t5, pooled)
+        if pending is not None:
+            yield pending.rows()
+        pending = submitted
+    if pending is not None:
+        yield pending.rows()
 
 
 @torch.inference_mode()
-def encode_images(vae: Any, pixels: torch.Tensor) -> _EncodedBatch:
+def encode_images(vae: Any, pixels: torch.Tensor) -> _HostCopy:
     """VAE posterior of a batch of same-size images, before FLUX's shift/scale, moved to the CPU as bf16.
 
     On CUDA this only queues the work (copy in, normalisation, VAE, copy out) and returns: the host
@@ -414,15 +429,7 @@ def encode_images(vae: Any, pixels: torch.Tensor) -> _EncodedBatch:
     # From pinned memory the copy to the device is queued on the stream instead of blocking the host.
     pixels = (pixels.pin_memory() if cuda else pixels).to(vae.device, non_blocking=cuda)
     dist = vae.encode(buckets.normalize_pixels(pixels, vae.dtype)).latent_dist
-    # A non-blocking copy to the CPU lands in pinned memory, in stream order right after this batch's VAE,
-    # so waiting for it later does not wait for batches submitted after it.
-    mean = dist.mean.to("cpu", STORED_DTYPE, non_blocking=cuda)
-    std = dist.std.to("cpu", STORED_DTYPE, non_blocking=cuda)
-    done = None
-    if cuda:
-        done = torch.cuda.Event()
-        done.record()
-    return _EncodedBatch(mean, std, done)
+    return _to_host(dist.mean, dist.std)
 
 
 @dataclass
@@ -509,9 +516,9 @@ def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cf
     resolution_skips: list[dict[str, Any]] = []
     first_source: dict[str, str] = {}
     queues: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    submitted: tuple[list[str], _EncodedBatch] | None = None  # the last batch given to the VAE
+    submitted: tuple[list[str], _HostCopy] | None = None  # the last batch given to the VAE
 
-    def store(keys: list[str], batch: _EncodedBatch) -> None:
+    def store(keys: list[str], batch: _HostCopy) -> None:
         for key, (mean, std) in zip(keys, batch.rows()):
             tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean, std
 
@@ -559,13 +566,12 @@ def _encode_text_shard(pipe: Any, shard: _TextShard, cfg: PrecomputeConfig, max_
                        progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     ids = list(shard.captions)
-    for start in range(0, len(ids), cfg.text_batch_size):
-        batch = ids[start:start + cfg.text_batch_size]
-        encoded = encode_captions(pipe, [shard.captions[c] for c in batch], max_sequence_length, cfg.text_batch_size)
-        for cid, (t5, pooled) in zip(batch, encoded):
+    encoded = encode_captions(pipe, [shard.captions[c] for c in ids], max_sequence_length, cfg.text_batch_size)
+    for start, rows in zip(range(0, len(ids), cfg.text_batch_size), encoded):
+        for cid, (t5, pooled) in zip(ids[start:start + cfg.text_batch_size], rows):
             t5_key, clip_key = text_keys(cid)
             tensors[t5_key], tensors[clip_key] = t5, pooled
-        progress.update(len(batch))
+        progress.update(len(rows))
     return tensors, {"kind": "text", "index": shard.index, "plan": shard.plan, "captions": shard.captions}
 
 
