@@ -124,7 +124,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     loss = window.flush(acc)["loss"]
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, res=res, batch=batch,
-               checkpointing=cfg.gradient_checkpointing or cfg.low_memory, compiled=cfg.compile,
+               checkpointing=cfg.checkpointing, compiled=cfg.compile,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -371,7 +371,7 @@ class TrainConfig(ModelSource):
             raise ConfigError("oxen_repo", "is needed by --oxen_branch / --oxen_upload_checkpoints; give owner/name")
         if self.wandb_log_model and self.report_to not in ("wandb", "all"):
             raise ConfigError("wandb_log_model", "needs --report_to wandb (or all)")
-        if (self.base_model_precision == "fp8" or self.low_memory) and self.mixed_precision != "bf16":
+        if self.fp8_base and self.mixed_precision != "bf16":
             flag_name = "low_memory" if self.low_memory else "base_model_precision"
             raise ConfigError(flag_name, f"the fp8 base needs --mixed_precision bf16 (got {self.mixed_precision})")
         if self.init_lora and self.resume_from_checkpoint:
@@ -381,6 +381,16 @@ class TrainConfig(ModelSource):
     @property
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def fp8_base(self) -> bool:
+        """Whether the frozen blocks run in fp8 (asked for, or implied by --low_memory)."""
+        return self.base_model_precision == "fp8" or self.low_memory
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed in the backward (asked for, or implied by --low_memory)."""
+        return self.gradient_checkpointing or self.low_memory
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of quantize_rows: q [M, K] e4m3 and scale [M, 1] -> q * scale [M, K] in `dtype`."""
+    return (q.float() * scale).to(dtype)
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W.T with x quantized per row and W given as (W_q [N, K], scale [N, 1]).
 
@@ -55,7 +60,7 @@ class _Fp8Matmul(torch.autograd.Function):
             grad_x = torch._scaled_mm(q, weight_t.t(), scale_a=scale, scale_b=weight_t_scale.t(),
                                       out_dtype=grad.dtype)
         else:
-            grad_x = grad @ (weight.float() * weight_scale).to(grad.dtype)
+            grad_x = grad @ dequantize(weight, weight_scale, grad.dtype)
         return grad_x, None, None, None, None
 
 
@@ -90,7 +95,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in the original weight's dtype."""
         if not self.fp8_matmul:
-            weight = (self.weight_fp8.float() * self.weight_scale).to(self.compute_dtype)
+            weight = dequantize(self.weight_fp8, self.weight_scale, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), weight, self.bias)
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
         out = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)

@@ -97,9 +97,8 @@ class Trainer:
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
-        transformer = self.build_transformer()
+        transformer, self.params = self.build_transformer()
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
-        self.params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=cfg.max_train_steps)
@@ -122,26 +121,26 @@ class Trainer:
         self._preview_models: tuple | None = None
         self.preview_rounds: list[tuple[int, list]] = []
 
-    def build_transformer(self) -> torch.nn.Module:
-        """The frozen base with its LoRA on the device: fp8 blocks if asked, compiled on CUDA."""
+    def build_transformer(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        """The frozen base with its LoRA on the device (fp8 blocks if asked, compiled on CUDA) and the
+        LoRA's parameters."""
         cfg = self.cfg
-        fp8_base = cfg.base_model_precision == "fp8" or cfg.low_memory
         transformer = load_transformer(cfg.pretrained_model_name_or_path, base_components=cfg.base_components,
                                        revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype)
-        if not fp8_base:
+        if not cfg.fp8_base:
             transformer.to(self.device)
-        if cfg.gradient_checkpointing or cfg.low_memory:
+        if cfg.checkpointing:
             transformer.enable_gradient_checkpointing()
-        add_lora(transformer, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.lora_layers,
-                 dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
+        params = add_lora(transformer, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.lora_layers,
+                          dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
         if cfg.init_lora:
             load_lora_into_transformer(transformer, cfg.init_lora)
-        if fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
+        if cfg.fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)
             transformer.to(self.device)
         if cfg.compile and self.device.type == "cuda":
             transformer.compile_repeated_blocks(fullgraph=True)  # one graph per block type, reused 19/38 times
-        return transformer
+        return transformer, params
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Path:
