@@ -7,6 +7,8 @@ fields as ../shared/perf/reference_step.py (run that in the same call, on the sa
     python .perf/reference_step.py --res 512 1024 --batch 1
     python bench/bench_train_step.py --res 512 1024 --batch 1
     accelerate launch --num_processes 4 bench/bench_train_step.py --res 1024   # DDP: images/s of all GPUs
+    accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 4 \
+        bench/bench_train_step.py --res 1024 --optimizer adamw                   # FSDP: memory per GPU
 
 Speed does not depend on the weights, so the model is built randomly on the GPU instead of loaded.
 MFU: 2 x forward FLOPs per step (LoRA needs no weight gradients of the frozen base, so the backward
@@ -123,8 +125,8 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     sec = (time.perf_counter() - start) / steps
     loss = window.flush(acc)["loss"]
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
-    row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, res=res, batch=batch,
-               checkpointing=cfg.checkpointing, compiled=cfg.compile,
+    row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
+               res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -148,10 +150,12 @@ def main() -> None:
                     help="the trainer's --compile (regional torch.compile, its default)")
     ap.add_argument("--base_model_precision", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--low_memory", action="store_true")
+    ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
     args = ap.parse_args()
     peak = matmul_tflops()
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-                   base_model_precision=args.base_model_precision, low_memory=args.low_memory)
+                   base_model_precision=args.base_model_precision, low_memory=args.low_memory,
+                   optimizer=args.optimizer)
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:

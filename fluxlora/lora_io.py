@@ -41,6 +41,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import get_pattern_key
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,12 @@ def _adapter_config(model: torch.nn.Module, adapter_name: str) -> LoraConfig:
     return configs[adapter_name]
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a `DTensor`; a collective: every process must call
+    it, in the same order), or `tensor` itself when it is not sharded."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def lora_state_dict(
     transformer: torch.nn.Module, *, dtype: torch.dtype = torch.bfloat16, adapter_name: str = "default"
 ) -> dict[str, torch.Tensor]:
@@ -161,13 +168,14 @@ def lora_state_dict(
     `FluxPipeline.save_lora_weights(transformer_lora_layers=get_peft_model_state_dict(t))` writes,
     with any `module.`, `_orig_mod.` or `base_model.model.` segments removed. Tensors are fresh
     contiguous CPU copies in `dtype` (bf16 by default: half the size of fp32, as kohya and
-    ai-toolkit save; pass torch.float32 to keep full training precision).
+    ai-toolkit save; pass torch.float32 to keep full training precision). Under FSDP they are
+    gathered from the shards: every process must call this.
     """
     model = _unwrap(transformer)
     _adapter_config(model, adapter_name)
     peft_sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
     return {
-        TRANSFORMER_PREFIX + _clean_key(key): value.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+        TRANSFORMER_PREFIX + _clean_key(key): full_tensor(value.detach()).to("cpu", dtype, copy=True).contiguous()
         for key, value in peft_sd.items()
     }
 
@@ -228,8 +236,12 @@ def save_lora(
     dtype: torch.dtype = torch.bfloat16,
     metadata: Mapping[str, str] | None = None,
     adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the transformer's LoRA as one diffusers-format `.safetensors` file, atomically.
+
+    `state_dict`: the tensors, when `lora_state_dict` has already gathered them (under FSDP every
+    process gathers, one writes).
 
     The header carries the adapter's LoraConfig under diffusers' `lora_adapter_metadata` key (so
     `FluxPipeline.load_lora_weights` restores rank, alpha and target modules) and `metadata`
@@ -240,7 +252,8 @@ def save_lora(
         `path` as a Path.
     """
     config = _adapter_config(_unwrap(transformer), adapter_name)
-    state_dict = lora_state_dict(transformer, dtype=dtype, adapter_name=adapter_name)
+    if state_dict is None:
+        state_dict = lora_state_dict(transformer, dtype=dtype, adapter_name=adapter_name)
     header = {LORA_ADAPTER_METADATA_KEY: _adapter_metadata_header(config), **_namespaced(metadata)}
     return _atomic_save(state_dict, path, header)
 

@@ -1,8 +1,8 @@
 """The LoRA flow-matching training loop over the embedding cache.
 
 `train(cfg)` builds everything, then the loop reads as a table of contents: step, maybe log,
-maybe checkpoint, maybe preview. Accelerate is the only distributed seam; previews and file
-writes happen on the main process, fenced by barriers.
+maybe checkpoint, maybe preview. Accelerate is the only distributed seam (DDP, or FSDP2 sharding
+the frozen base); file writes happen on the main process, fenced by barriers.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from . import flow, fp8, tracking
 from .cache import EmbeddingCache
-from .checkpoint import load_checkpoint, register_lora_hooks, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .lora_io import load_lora_into_transformer, save_lora
+from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, resolve_checkpoint, save_checkpoint,
+                         save_fsdp_state)
+from .config import ConfigError, TrainConfig
+from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import DTYPES, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
 from .preemption import StopRequest
@@ -75,10 +76,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = build_accelerator(cfg)
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            # the LoRA save/load hooks, previews and export assume every process holds the whole model
-            raise NotImplementedError(f"{acc.distributed_type.name} is not supported by the trainer yet "
-                                      f"(docs/cluster.md, 'FSDP'); use accelerate_configs/multi_gpu_ddp.yaml")
+        self.fsdp = check_distributed(acc, cfg)
         self.device = acc.device
         self.weight_dtype = DTYPES[cfg.mixed_precision]
         set_seed(cfg.seed)
@@ -103,12 +101,14 @@ class Trainer:
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=cfg.max_train_steps)
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
+        # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         register_lora_hooks(acc, self.transformer)
 
         self.step, self.position = 0, 0
         resumed = self.resumed_from
         if resumed:
-            state = load_checkpoint(acc, resumed)
+            state = load_checkpoint(acc, resumed, self._fsdp_state(load_fsdp_state))
             self.step, self.position = state["step"], resume_position(state, self.global_batch)
         self.log = JsonlLog(self.out / "logs.jsonl", resume_step=self.step if resumed else None) \
             if acc.is_main_process else None
@@ -127,7 +127,7 @@ class Trainer:
         cfg = self.cfg
         transformer = load_transformer(cfg.pretrained_model_name_or_path, base_components=cfg.base_components,
                                        revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype)
-        if not cfg.fp8_base:
+        if not cfg.fp8_base and not self.fsdp:  # FSDP moves each process's shard to its GPU
             transformer.to(self.device)
         if cfg.checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -176,7 +176,7 @@ class Trainer:
                 acc.backward(loss)
                 if acc.sync_gradients:
                     # the norm of the all-reduced gradients: every process takes the same decision
-                    grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+                    grad_norm = full_tensor(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")))
                     window.grad_norm = grad_norm
                     if self.finite(grad_norm):
                         self.optimizer.step()
@@ -294,7 +294,14 @@ class Trainer:
         state = {"step": self.step, "position": self.position, "global_batch": self.global_batch,
                  "world_size": self.accelerator.num_processes, "seed": cfg.seed}
         return save_checkpoint(self.accelerator, self.out, self.step, state,
-                               lambda d: self.export_lora(d / LORA_FILE), cfg.checkpoints_total_limit)
+                               lambda d: self.export_lora(d / LORA_FILE), cfg.checkpoints_total_limit,
+                               self._fsdp_state(save_fsdp_state))
+
+    def _fsdp_state(self, function):
+        """Under FSDP, `save_state`/`load_state` of the checkpoint module (None: accelerate's own)."""
+        if not self.fsdp:
+            return None
+        return lambda folder: function(self.accelerator, self.transformer, self.optimizer, self.lr_scheduler, folder)
 
     def maybe_validate(self) -> None:
         """Held-out loss (`--holdout_images`) every --validation_steps; every process computes it alike."""
@@ -315,8 +322,9 @@ class Trainer:
         if not force and self.step % cfg.validation_steps and self.step != cfg.max_train_steps:
             return
         acc.wait_for_everyone()
+        # under FSDP each forward needs every process's shards: all render, the main process keeps
+        images = self.render_previews() if acc.is_main_process or self.fsdp else None
         if acc.is_main_process:
-            images = self.render_previews()
             folder = self.out / "samples" / f"step-{self.step:06d}"
             for i, ((prompt, _), image) in enumerate(zip(self.cache.validation, images)):
                 save_png(image, folder / f"{i:02d}.png", {"prompt": prompt, "seed": cfg.validation_seed + i,
@@ -348,15 +356,19 @@ class Trainer:
                 "steps": str(self.step), "trigger_phrase": str(self.cache.fingerprint.get("trigger_phrase", "")),
                 "lora_layers": ",".join(cfg.lora_layers)}
 
-    def export_lora(self, path: Path) -> Path:
-        return save_lora(path, self.accelerator.unwrap_model(self.transformer), metadata=self.lora_metadata())
+    def export_lora(self, path: Path) -> None:
+        """The LoRA file (main process); every process calls this, as FSDP's shards are gathered."""
+        model = self.accelerator.unwrap_model(self.transformer)
+        state = lora_state_dict(model)
+        if self.accelerator.is_main_process:
+            save_lora(path, model, metadata=self.lora_metadata(), state_dict=state)
 
     def finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
         lora = self.out / LORA_FILE
+        self.export_lora(lora)
         if acc.is_main_process:
-            self.export_lora(lora)
             self.log.close()
             plot_loss_curve(read_jsonl(self.out / "logs.jsonl"), self.out / "loss_curve.png")
             if self.preview_rounds:
@@ -444,6 +456,27 @@ class Preempted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many non-finite steps in a row; the last good state is checkpointed."""
+
+
+def check_distributed(acc: Accelerator, cfg: TrainConfig) -> bool:
+    """Whether the run shards the model with FSDP2; refuses what does not work with it."""
+    kind = acc.distributed_type.name
+    if kind == "DEEPSPEED":
+        raise ConfigError("config_file", "DeepSpeed is not supported (docs/cluster.md, 'DeepSpeed'); launch with "
+                                         "accelerate_configs/multi_gpu_ddp.yaml, or accelerate_configs/fsdp.yaml to "
+                                         "shard the base")
+    if kind != "FSDP":
+        return False
+    if not acc.is_fsdp2:
+        raise ConfigError("config_file", "FSDP1 is not supported: set fsdp_version: 2 (accelerate_configs/fsdp.yaml)")
+    if cfg.fp8_base:
+        raise ConfigError("base_model_precision", "fp8 (also implied by --low_memory) keeps weights that FSDP does "
+                                                  "not shard; drop it under FSDP (--gradient_checkpointing saves "
+                                                  "memory) or train without FSDP")
+    if cfg.optimizer == "adamw8bit":
+        raise ConfigError("optimizer", "adamw8bit cannot step FSDP's sharded parameters; pass --optimizer adamw "
+                                       "(under FSDP each GPU keeps only its share of the LoRA's optimizer state)")
+    return True
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -4,16 +4,17 @@
 
 tests/test_distributed.py compares DIR/rank-<r>.safetensors across processes: the checkpoint and
 the exported LoRA come from the main process only, so they cannot show that the others agree.
+Under FSDP each process writes the LoRA gathered from the shards.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, as for the real scripts
 
+from fluxlora.checkpoint import adapter_state  # noqa: E402
 from fluxlora.config import TrainConfig, parse_config  # noqa: E402
 from fluxlora.trainer import Trainer  # noqa: E402
 
@@ -24,11 +25,10 @@ def main() -> None:
     ours, rest = parser.parse_known_args()
     trainer = Trainer(parse_config(TrainConfig, rest))
     trainer.run()
-    state = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.transformer))
+    state = adapter_state(trainer.accelerator.unwrap_model(trainer.transformer))  # every process (FSDP gathers)
     dump = Path(ours.dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-              dump / f"rank-{trainer.accelerator.process_index}.safetensors")
+    save_file(state, dump / f"rank-{trainer.accelerator.process_index}.safetensors")
 
 
 if __name__ == "__main__":
