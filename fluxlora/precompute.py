@@ -14,6 +14,7 @@ the main process merges the indexes into manifest.json.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -670,6 +671,45 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> int:
     return removed
 
 
+def _text_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_TextShard], out_dir: Path,
+                max_sequence_length: int, show: bool, pipe: Any, separate_stream: bool = False) -> list[str]:
+    """Encode and write the text shards with `pipe` (then freed); their names. `separate_stream`: on
+    a CUDA stream of its own, for running on a thread beside the image phase."""
+    if not shards:
+        return []
+    stream = torch.cuda.Stream(device) if separate_stream and device.type == "cuda" else None
+    if stream:
+        stream.wait_stream(torch.cuda.current_stream(device))  # the weights' upload
+    written = []
+    with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+        with tqdm(total=sum(len(s.captions) for s in shards), unit="caption", desc="T5+CLIP",
+                  disable=not show) as progress:
+            for shard in shards:
+                tensors, index = _encode_text_shard(pipe, shard, cfg, max_sequence_length, progress)
+                _write_shard(out_dir, shard.name, tensors, index)
+                written.append(shard.name)
+        del pipe
+        _free(device)
+    return written
+
+
+def _image_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_ImageShard], out_dir: Path,
+                 resolutions: list[int], show: bool, vae: Any, bar_position: int = 0) -> list[str]:
+    """Encode and write the image shards with `vae` (then freed); their names."""
+    if not shards:
+        return []
+    written = []
+    with tqdm(total=sum(len(s.samples) for s in shards), unit="img", desc="VAE", disable=not show,
+              position=bar_position) as progress:
+        for shard in shards:
+            tensors, index = _encode_image_shard(vae, shard, _plan_image_shard(shard), cfg, resolutions, progress)
+            _write_shard(out_dir, shard.name, tensors, index)
+            written.append(shard.name)
+    del vae
+    _free(device)
+    return written
+
+
 def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
     """Build (or finish) the cache at cfg.embeddings_dir; call on every process.
 
@@ -726,30 +766,24 @@ def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
         # The old manifest would describe shards about to be replaced; it returns when all are done.
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
-    device = accelerator.device
-    show = accelerator.is_main_process
-    pipe = _load_text_pipeline(cfg, device) if pending_text else None
-    vae = _load_vae(cfg, device) if pending_images and not cfg.sequential_models else None
-    if pending_text:
-        with tqdm(total=sum(len(s.captions) for s in pending_text), unit="caption", desc="T5+CLIP",
-                  disable=not show) as progress:
-            for shard in pending_text:
-                tensors, index = _encode_text_shard(pipe, shard, cfg, max_sequence_length, progress)
-                _write_shard(out_dir, shard.name, tensors, index)
-                written.append(shard.name)
-        del pipe
-        _free(device)
-    if pending_images:
-        vae = vae if vae is not None else _load_vae(cfg, device)
-        with tqdm(total=sum(len(s.samples) for s in pending_images), unit="img", desc="VAE",
-                  disable=not show) as progress:
-            for shard in pending_images:
-                tensors, index = _encode_image_shard(vae, shard, _plan_image_shard(shard), cfg, resolutions,
-                                                     progress)
-                _write_shard(out_dir, shard.name, tensors, index)
-                written.append(shard.name)
-        del vae
-        _free(device)
+    device, show = accelerator.device, accelerator.is_main_process
+    text_phase = functools.partial(_text_phase, cfg, device, pending_text, out_dir, max_sequence_length, show)
+    image_phase = functools.partial(_image_phase, cfg, device, pending_images, out_dir, resolutions, show)
+    if cfg.sequential_models:  # one model in memory at a time: the text encoders, then the VAE
+        written += text_phase(_load_text_pipeline(cfg, device) if pending_text else None)
+        written += image_phase(_load_vae(cfg, device) if pending_images else None)
+    else:
+        # T5 (matmul-bound) and the VAE (convolutions, host-side decoding) share the GPU better than
+        # they use it one after the other: the captions are encoded on a thread with a CUDA stream of
+        # its own. Both models load first, here (loading sets process-wide defaults such as the dtype).
+        pipe = _load_text_pipeline(cfg, device) if pending_text else None
+        vae = _load_vae(cfg, device) if pending_images else None
+        with ThreadPoolExecutor(1, thread_name_prefix="text") as text_thread:
+            text = text_thread.submit(text_phase, pipe, separate_stream=True)
+            del pipe  # the phases free their model when done
+            images = image_phase(vae, bar_position=1)
+            del vae
+            written += text.result() + images
 
     accelerator.wait_for_everyone()
     manifest = summary = None

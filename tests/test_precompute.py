@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import types
 import weakref
 from pathlib import Path
@@ -314,12 +315,14 @@ def test_changed_caption_redoes_its_shards_and_drops_the_old_text(tmp_path, tiny
         index_name(n) for n in cache.manifest["shards"]}
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_sequential_models_frees_the_text_encoders_before_the_vae(sequential, tmp_path, tiny_flux_dev, demo_dir,
-                                                                  accelerator, monkeypatch):
-    data = copy_images(demo_dir, tmp_path / "data", 1)
+def test_text_runs_beside_the_images_and_sequential_models_frees_t5_first(tmp_path, tiny_flux_dev, demo_dir,
+                                                                           accelerator, monkeypatch):
+    """By default both models load up front and the captions are encoded on a thread of their own
+    beside the images; with --sequential_models T5 is gone when the VAE loads. Same cache both ways."""
+    data = copy_images(demo_dir, tmp_path / "data", 3)
     load_text, load_vae = precompute._load_text_pipeline, precompute._load_vae
-    pipes, text_alive_at_vae_load = [], []
+    encode_text = precompute._encode_text_shard
+    pipes, text_alive_at_vae_load, text_threads = [], [], []
 
     def spy_text(*args):
         pipe = load_text(*args)
@@ -328,17 +331,30 @@ def test_sequential_models_frees_the_text_encoders_before_the_vae(sequential, tm
 
     def spy_vae(*args):
         gc.collect()
-        text_alive_at_vae_load.append(pipes[0]() is not None if pipes else None)
+        text_alive_at_vae_load.append(pipes[-1]() is not None)
         return load_vae(*args)
+
+    def spy_encode_text(*args):
+        text_threads.append(threading.current_thread() is threading.main_thread())
+        return encode_text(*args)
 
     monkeypatch.setattr(precompute, "_load_text_pipeline", spy_text)
     monkeypatch.setattr(precompute, "_load_vae", spy_vae)
-    cfg = make_cfg(data, tmp_path / "cache", tiny_flux_dev, resolutions=[64], max_sequence_length=SHORT_L,
-                   sequential_models=sequential)
-    precompute.run(cfg, accelerator)
-    # Sequential: T5 is gone when the VAE loads. Otherwise both load up front, text encoders first.
-    assert text_alive_at_vae_load == [not sequential]
-    assert len(EmbeddingCache(tmp_path / "cache").entries) == 1
+    monkeypatch.setattr(precompute, "_encode_text_shard", spy_encode_text)
+    caches = {}
+    for sequential in (True, False):
+        caches[sequential] = tmp_path / f"cache-{sequential}"
+        cfg = make_cfg(data, caches[sequential], tiny_flux_dev, resolutions=[64], max_sequence_length=SHORT_L,
+                       sequential_models=sequential, shard_size=2)
+        precompute.run(cfg, accelerator)
+    assert text_alive_at_vae_load == [False, True]
+    assert text_threads == [True, True, False, False]  # 3 captions + the empty one in 2 shards, each run
+    manifests = [json.loads((caches[k] / MANIFEST_NAME).read_text()) for k in (True, False)]
+    for manifest in manifests:
+        manifest.pop("args")
+    assert manifests[0] == manifests[1] and len(manifests[0]["images"]) == 3
+    for name in manifests[0]["shards"]:
+        assert (caches[True] / name).read_bytes() == (caches[False] / name).read_bytes(), name
 
 
 @pytest.fixture
