@@ -151,11 +151,12 @@ def main() -> None:
     ap.add_argument("--base_model_precision", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--low_memory", action="store_true")
     ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
+    ap.add_argument("--cuda_graphs", action="store_true", help="the trainer's --cuda_graphs")
     args = ap.parse_args()
     peak = matmul_tflops()
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                    base_model_precision=args.base_model_precision, low_memory=args.low_memory,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, cuda_graphs=args.cuda_graphs)
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:

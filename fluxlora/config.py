@@ -296,6 +296,9 @@ class TrainConfig(ModelSource):
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, slower)")
     compile: bool = flag(True, "torch.compile the transformer's repeated blocks on CUDA (regional compilation: "
                                "about a minute at start, then ~1.4x faster steps; --no-compile skips it)")
+    cuda_graphs: bool = flag(False, "with --compile, replay each block's kernels as CUDA graphs (torch.compile's "
+                                    "reduce-overhead mode): removes most of the host's work per step, which "
+                                    "limits small images and many GPUs per host; more memory")
     base_model_precision: str = flag("bf16", "matmuls of the frozen base's blocks: fp8 runs them in e4m3 with "
                                              "row-wise scales (Hopper/Ada GPUs; faster, same memory)",
                                      choices=["bf16", "fp8"])
@@ -371,6 +374,9 @@ class TrainConfig(ModelSource):
             raise ConfigError("oxen_repo", "is needed by --oxen_branch / --oxen_upload_checkpoints; give owner/name")
         if self.wandb_log_model and self.report_to not in ("wandb", "all"):
             raise ConfigError("wandb_log_model", "needs --report_to wandb (or all)")
+        if self.cuda_graphs and self.gradient_accumulation_steps > 1:
+            raise ConfigError("cuda_graphs", "needs --gradient_accumulation_steps 1 (a replay reuses the memory "
+                                             "of the previous one's gradients); raise --train_batch_size instead")
         if self.fp8_base and self.mixed_precision != "bf16":
             flag_name = "low_memory" if self.low_memory else "base_model_precision"
             raise ConfigError(flag_name, f"the fp8 base needs --mixed_precision bf16 (got {self.mixed_precision})")

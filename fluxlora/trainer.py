@@ -96,6 +96,7 @@ class Trainer:
                                         caption_dropout=cfg.caption_dropout)
 
         transformer, self.params = self.build_transformer()
+        self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -139,7 +140,8 @@ class Trainer:
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)
             transformer.to(self.device)
         if cfg.compile and self.device.type == "cuda":
-            transformer.compile_repeated_blocks(fullgraph=True)  # one graph per block type, reused 19/38 times
+            # one graph per block type, reused 19/38 times
+            transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
         return transformer, params
 
     # ---------------------------------------------------------------- the loop
@@ -171,6 +173,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         for _ in range(cfg.gradient_accumulation_steps):
             batch, data = next(batches)
+            if self.cuda_graphs:  # the previous replay's outputs are no longer needed
+                torch.compiler.cudagraph_mark_step_begin()
             with acc.accumulate(self.transformer), attention_backends(self.device):
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)

@@ -41,6 +41,16 @@ def demo_dir():
     return Path(__file__).resolve().parent.parent / "demo"
 
 
+def repo_env(**values: str) -> dict[str, str]:
+    """The environment for a script of this repository run as a subprocess: the repository first on
+    PYTHONPATH, before any path the caller's packages come from."""
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", **values}
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; a test that builds an Accelerator with other
     settings (the trainer's) needs them cleared first."""

@@ -31,7 +31,7 @@ from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import train
 
-from .conftest import reset_accelerate
+from .conftest import repo_env, reset_accelerate
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
@@ -75,8 +75,7 @@ def free_port() -> int:
 def launch(commands: list[list[str]], logs: Path, timeout: float = 400) -> list[str]:
     """Run the launchers together (as the machines of one job would) and return their output;
     fails the test unless every one exits 0."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = repo_env(WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     logs.mkdir(parents=True, exist_ok=True)
     procs, files = [], []
     for i, command in enumerate(commands):

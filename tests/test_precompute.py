@@ -24,6 +24,8 @@ from fluxlora.cache import MANIFEST_NAME, EmbeddingCache, index_name
 from fluxlora.config import PrecomputeConfig
 from fluxlora.data import build_caption, caption_id, load_image, sample_id
 
+from .conftest import repo_env
+
 REPO = Path(__file__).resolve().parent.parent
 RESOLUTIONS = [64, 128]  # the smallest bucket resolutions; demo images are 256-1024 px, so none is upscaled
 SHORT_L = 16  # T5 length for tests that are not about T5 itself: 32x fewer tokens than dev's 512
@@ -448,7 +450,7 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path, tiny_flux_dev, demo
             "--resolutions", "64", "128", "--flip_copies", "--shard_size", "2", "--vae_batch_size", "3",
             "--max_sequence_length", "64", "--validation_prompts", "sks a red circle"]
     one, two = tmp_path / "one", tmp_path / "two"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = repo_env()
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                str(REPO / "precompute_embeddings.py"), *args, "--embeddings_dir", str(two)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)

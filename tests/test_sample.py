@@ -1,7 +1,6 @@
 """sample.py: the same images as diffusers' FluxPipeline, LoRA files of every format, outputs, errors."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from fluxlora.sampling import load_pipeline, render_jobs, run_sample
 from fluxlora.tiny import transformer_config
 from tests.conftest import reset_accelerate
 from tests.test_lora_io import lora_transformer
+
+from .conftest import repo_env
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle", "two blue squares on a white background"]
@@ -412,7 +413,7 @@ def test_a_lora_of_another_model_names_lora(tiny_flux_dev, tmp_path, capsys):
 def test_two_processes_write_each_image_once_and_as_one_process_does(tiny_flux_dev, loras, tmp_path, accelerator):
     prompts = ["a red circle", "a blue square", "a green tree"]  # 2 + 1: an uneven split
     flags = argv(tiny_flux_dev, tmp_path / "two", "--prompt", *prompts, "--lora", loras["a"], "--compare")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = repo_env()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "sample.py"), *flags], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
