@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
     ap.add_argument("--cuda_graphs", action="store_true", help="the trainer's --cuda_graphs")
     args = ap.parse_args()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under accelerate launch: this process's GPU
     peak = matmul_tflops()
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                    base_model_precision=args.base_model_precision, low_memory=args.low_memory,

@@ -73,7 +73,9 @@ GPU_RUN = dict(max_train_steps=4, checkpointing_steps=2, optimizer="adamw", lear
 
 
 def train_launch(config: str, out: Path, demo_cache: Path, tiny_flux_dev: Path, *extra: str) -> str:
-    script = [str(DUMP_SCRIPT), "--dump_dir", str(out / "dump"),
+    # eager: compiling the tiny blocks would take most of the test's time (bench_train_step.py runs
+    # FSDP compiled on the full model)
+    script = [str(DUMP_SCRIPT), "--dump_dir", str(out / "dump"), "--no-compile",
               *flags(**GPU_RUN, embeddings_dir=demo_cache, pretrained_model_name_or_path=tiny_flux_dev,
                      output_dir=out), *extra]
     command = accelerate_launch(config, "--num_processes", "2", "--main_process_port", str(free_port()), *script)
@@ -83,8 +85,8 @@ def train_launch(config: str, out: Path, demo_cache: Path, tiny_flux_dev: Path, 
 @pytest.mark.gpu
 @TWO_GPUS
 def test_fsdp_on_two_gpus_trains_what_ddp_trains_and_resumes(demo_cache, tiny_flux_dev, tmp_path):
-    """accelerate_configs/fsdp.yaml against multi_gpu_ddp.yaml, same flags (fp32, compiled blocks,
-    previews at steps 0, 2 and 4): the same LoRA on every process and in both; checkpoints hold the
+    """accelerate_configs/fsdp.yaml against multi_gpu_ddp.yaml, same flags (fp32, previews at steps
+    0, 2 and 4): the same LoRA on every process and in both; checkpoints hold the
     adapter, not the base; a run resumed from the step-2 checkpoint ends where the whole one does."""
     ddp = tmp_path / "ddp"
     train_launch("multi_gpu_ddp.yaml", ddp, demo_cache, tiny_flux_dev)
