@@ -4,7 +4,7 @@
 
 tests/test_distributed.py compares DIR/rank-<r>.safetensors across processes: the checkpoint and
 the exported LoRA come from the main process only, so they cannot show that the others agree.
-Under FSDP each process writes the LoRA gathered from the shards.
+(Not for FSDP, whose processes hold shards: the run has ended its process group by then.)
 """
 import argparse
 import sys
