@@ -296,6 +296,9 @@ class TrainConfig(ModelSource):
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, slower)")
     compile: bool = flag(True, "torch.compile the transformer's repeated blocks on CUDA (regional compilation: "
                                "about a minute at start, then ~1.4x faster steps; --no-compile skips it)")
+    gc_steps: int = flag(50, "collect Python's garbage every N optimizer steps, on all processes at once, "
+                              "instead of whenever Python decides (a collection on one process stalls the "
+                              "step of all); 0 leaves Python's automatic collection on")
     cuda_graphs: bool = flag(False, "with --compile, replay each block's kernels as CUDA graphs (torch.compile's "
                                     "reduce-overhead mode): removes most of the host's work per step, which "
                                     "limits small images and many GPUs per host; more memory")
@@ -339,6 +342,8 @@ class TrainConfig(ModelSource):
             raise ConfigError("embeddings_dir", f"{self.embeddings_dir} has no manifest.json; build the cache "
                                                 f"with precompute_embeddings.py --embeddings_dir {self.embeddings_dir}")
         self.check_model()
+        if self.gc_steps < 0:
+            raise ConfigError("gc_steps", f"must be 0 (automatic) or more (got {self.gc_steps})")
         positive = ("rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                     "checkpointing_steps", "logging_steps", "repeats", "validation_inference_steps", "max_nan_steps")
         for name in positive:

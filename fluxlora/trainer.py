@@ -7,6 +7,7 @@ the frozen base); file writes happen on the main process, fenced by barriers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -153,6 +154,10 @@ class Trainer:
                            lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
         window = _Window(self.device)
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+        automatic_gc = gc.isenabled()
+        if cfg.gc_steps:
+            gc.collect()
+            gc.disable()  # collections happen in maybe_collect_garbage, on every process at the same step
         try:
             with contextlib.closing(batches):
                 while self.step < cfg.max_train_steps:
@@ -163,9 +168,12 @@ class Trainer:
                     self.maybe_stop()
                     self.maybe_validate()
                     self.maybe_preview()
+                    self.maybe_collect_garbage()
         finally:
             bar.close()
             self.stop.restore()
+            if automatic_gc:
+                gc.enable()
         return self.finish()
 
     def train_step(self, batches: Iterator[tuple[Batch, dict]], window: "_Window") -> None:
@@ -270,6 +278,12 @@ class Trainer:
         raise Preempted(path)
 
     # ---------------------------------------------------------------- periodic work
+    def maybe_collect_garbage(self) -> None:
+        """Python's collector, run here instead of when it decides: a pause of tens of ms on one process
+        delays every process's next synchronised step (torchtitan schedules it the same way)."""
+        if self.cfg.gc_steps and self.step % self.cfg.gc_steps == 0:
+            gc.collect()
+
     def maybe_log(self, window: "_Window", bar: tqdm) -> None:
         if self.step % self.cfg.logging_steps and self.step != self.cfg.max_train_steps:
             return

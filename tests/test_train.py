@@ -254,3 +254,19 @@ def test_single_file_transformer_trains_with_base_components(demo_cache, tiny_fl
                    validation_height=64, validation_inference_steps=2)
     lora = train(cfg)
     assert load_file(lora) and (tmp_path / "run" / "samples" / "step-000002" / "00.png").is_file()
+
+
+def test_garbage_is_collected_on_schedule_and_automatic_collection_restored(demo_cache, tiny_flux_dev, tmp_path,
+                                                                              monkeypatch):
+    import gc
+
+    from fluxlora import trainer as trainer_mod
+
+    trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=7, checkpointing_steps=7,
+                               optimizer="adamw", gc_steps=3))
+    seen = []  # (step, automatic collection on) at each scheduled collection
+    monkeypatch.setattr(trainer_mod.gc, "collect", lambda *a: seen.append((trainer.step, gc.isenabled())))
+    assert gc.isenabled()
+    trainer.run()
+    assert seen == [(0, True), (3, False), (6, False)]  # once before the loop, then every 3 steps
+    assert gc.isenabled()
