@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fluxlora.checkpoint import ADAPTER_FILE
+from fluxlora.checkpoint import ADAPTER_FILE, FSDP_OPTIMIZER_FILE
 from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import train
@@ -36,6 +36,7 @@ from .conftest import repo_env, reset_accelerate
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
 DUMP_SCRIPT = REPO / "tests" / "helpers" / "train_dump.py"
+FSDP_SCRIPT = REPO / "tests" / "helpers" / "train_fsdp_cpu.py"
 STEPS = 6
 # Global batch 2 in every run. The cosine schedule with warmup and the accumulation make the
 # learning rate and the optimizer state depend on the step count across a resume.
@@ -367,3 +368,32 @@ def test_two_machines_on_localhost_resume_a_one_process_checkpoint(one_process, 
     assert_same_lora(ranks[1], ranks[0], atol=0)
     assert_same_lora(ranks[0], adapter(one_process / f"checkpoint-{STEPS}"), atol=LORA_ATOL)
     assert_log_matches(run, one_process, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_fsdp_trains_what_ddp_trains_and_resumes(two_processes, demo_cache, tiny_flux_dev, tmp_path):
+    """fsdp.yaml's FSDP2 over 2 CPU processes (tests/helpers/train_fsdp_cpu.py: accelerate shards only
+    GPU processes by itself), with previews: the same LoRA as the DDP run, gathered from the shards
+    into checkpoints that hold the adapter and its optimizer state, not the base; killed after the
+    step-2 checkpoint, it resumes to the same end."""
+    run = tmp_path / "run"
+    script = [str(FSDP_SCRIPT), *flags(**{**COMMON, "validation_steps": 3}, embeddings_dir=demo_cache,
+                                       pretrained_model_name_or_path=tiny_flux_dev, train_batch_size=1,
+                                       validation_width=64, validation_height=48, validation_inference_steps=2)]
+    command = accelerate_launch("fsdp.yaml", "--num_processes", "2")
+    output = launch([[*command, "--main_process_port", str(free_port()), *script, "--output_dir", str(run)]],
+                    tmp_path / "logs")[0]
+    assert "prepared model: FSDPFluxTransformer2DModel" in output
+    assert_same_lora(adapter(run / f"checkpoint-{STEPS}"), adapter(two_processes / f"checkpoint-{STEPS}"),
+                     atol=LORA_ATOL)
+    assert sorted(p.name for p in (run / "checkpoint-2").iterdir()) == sorted([
+        "COMPLETE", "adapter_fp32.safetensors", FSDP_OPTIMIZER_FILE, "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin", "trainer_state.json"])
+    assert sorted(p.parent.name for p in (run / "samples").glob("step-*/*.png")) == \
+        ["step-000000"] * 2 + ["step-000003"] * 2 + ["step-000006"] * 2  # every process rendered, one saved
+    assert_log_matches(run, two_processes, range(1, STEPS + 1))
+
+    resumed = copy_run_until(run, tmp_path / "resumed", step=2)
+    launch([[*command, "--main_process_port", str(free_port()), *script, "--output_dir", str(resumed),
+             "--resume_from_checkpoint", "latest"]], tmp_path / "logs-resumed")
+    assert_same_lora(adapter(resumed / f"checkpoint-{STEPS}"), adapter(run / f"checkpoint-{STEPS}"), atol=LORA_ATOL)
