@@ -491,6 +491,9 @@ def check_distributed(acc: Accelerator, cfg: TrainConfig) -> bool:
         raise ConfigError("base_model_precision", "fp8 (also implied by --low_memory) keeps weights that FSDP does "
                                                   "not shard; drop it under FSDP (--gradient_checkpointing saves "
                                                   "memory) or train without FSDP")
+    if cfg.cuda_graphs:
+        raise ConfigError("cuda_graphs", "FSDP gathers each block's weights between its kernels, which a CUDA graph "
+                                         "cannot replay; drop --cuda_graphs under FSDP")
     if cfg.optimizer == "adamw8bit":
         raise ConfigError("optimizer", "adamw8bit cannot step FSDP's sharded parameters; pass --optimizer adamw "
                                        "(under FSDP each GPU keeps only its share of the LoRA's optimizer state)")

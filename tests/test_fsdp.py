@@ -8,6 +8,7 @@ needs 2 GPUs (`gpu` tests).
 from __future__ import annotations
 
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,30 @@ def test_fsdp_on_two_gpus_trains_what_ddp_trains_and_resumes(demo_cache, tiny_fl
     shutil.copytree(fsdp, resumed, ignore=shutil.ignore_patterns("checkpoint-4"))
     train_launch("fsdp.yaml", resumed, demo_cache, tiny_flux_dev, "--resume_from_checkpoint", "latest")
     assert_same_lora(adapter(resumed / "checkpoint-4"), adapter(fsdp / "checkpoint-4"), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, fsdp2, options, flag", [
+    ("DEEPSPEED", False, {}, "config_file"),
+    ("FSDP", False, {"optimizer": "adamw"}, "config_file"),
+    ("FSDP", True, {}, "optimizer"),  # the default adamw8bit
+    ("FSDP", True, {"optimizer": "adamw", "low_memory": True, "mixed_precision": "bf16"}, "base_model_precision"),
+    ("FSDP", True, {"optimizer": "adamw", "base_model_precision": "fp8", "mixed_precision": "bf16"},
+     "base_model_precision"),
+    ("FSDP", True, {"optimizer": "adamw", "cuda_graphs": True}, "cuda_graphs"),
+])
+def test_what_fsdp_cannot_do_is_refused_with_the_flag_to_change(demo_cache, tiny_flux_dev, tmp_path, kind, fsdp2,
+                                                                 options, flag):
+    from accelerate.utils import DistributedType
+
+    from fluxlora.config import ConfigError
+    from fluxlora.trainer import check_distributed
+
+    from .conftest import train_config
+
+    cfg = train_config(demo_cache, tiny_flux_dev, tmp_path / "run", **options)
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2)
+    with pytest.raises(ConfigError) as err:
+        check_distributed(accelerator, cfg)
+    assert err.value.flag == flag
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    assert check_distributed(accelerator, train_config(demo_cache, tiny_flux_dev, tmp_path / "ok", optimizer="adamw"))
