@@ -193,7 +193,14 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
         raise CheckpointError(f"{path} was written under FSDP; resume it with an FSDP accelerate config "
                               f"(accelerate_configs/fsdp.yaml), or start a new run from its LoRA with "
                               f"--init_lora {path}/pytorch_lora_weights.safetensors")
-    (load_state or (lambda folder: accelerator.load_state(str(folder))))(path)
+    try:
+        (load_state or (lambda folder: accelerator.load_state(str(folder))))(path)
+    except ValueError as err:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run ({err}). It was written with "
+                              f"another --rank, --lora_layers or --optimizer, or by an earlier version of this "
+                              f"trainer (before the LoRA was stepped as one flat tensor); resume with the flags it "
+                              f"was trained with, or start a new run from its LoRA with "
+                              f"--init_lora {path}/pytorch_lora_weights.safetensors") from err
     return json.loads((path / STATE_FILE).read_text())
 
 

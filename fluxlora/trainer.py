@@ -27,7 +27,7 @@ from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, 
 from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
-from .models import DTYPES, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
+from .models import DTYPES, FlatParameters, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -96,15 +96,18 @@ class Trainer:
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
-        transformer, self.params = self.build_transformer()
+        transformer, self.flat = self.build_transformer()
+        self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=cfg.max_train_steps)
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
-        # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
-        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        if self.fsdp:  # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
+            self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        else:
+            self.flat.bind()
         register_lora_hooks(acc, self.transformer)
 
         self.step, self.position = 0, 0
@@ -123,9 +126,9 @@ class Trainer:
         self._preview_models: tuple | None = None
         self.preview_rounds: list[tuple[int, list]] = []
 
-    def build_transformer(self) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        """The frozen base with its LoRA on the device (fp8 blocks if asked, compiled on CUDA) and the
-        LoRA's parameters."""
+    def build_transformer(self) -> tuple[torch.nn.Module, FlatParameters | None]:
+        """The frozen base with its LoRA on the device (fp8 blocks if asked, compiled on CUDA), and the
+        LoRA weights as one flat tensor for the optimizer (None under FSDP, which shards each one)."""
         cfg = self.cfg
         transformer = load_transformer(cfg.pretrained_model_name_or_path, base_components=cfg.base_components,
                                        revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype)
@@ -140,10 +143,11 @@ class Trainer:
         if cfg.fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)
             transformer.to(self.device)
+        flat = None if self.fsdp else FlatParameters(params)
         if cfg.compile and self.device.type == "cuda":
             # one graph per block type, reused 19/38 times
             transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
-        return transformer, params
+        return transformer, flat
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Path:
@@ -187,6 +191,8 @@ class Trainer:
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    if self.flat:
+                        self.flat.collect_grads()
                     # the norm of the all-reduced gradients: every process takes the same decision
                     grad_norm = full_tensor(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")))
                     window.grad_norm = grad_norm

@@ -191,6 +191,22 @@ def test_interrupted_checkpoint_is_never_resumed(demo_cache, tiny_flux_dev, tmp_
     assert state["position"] == 4 and state["world_size"] == 1
 
 
+def test_checkpoint_whose_optimizer_state_does_not_fit_names_the_way_out(demo_cache, tiny_flux_dev, tmp_path):
+    """A checkpoint from before the flat LoRA tensor (one optimizer entry per LoRA tensor) cannot resume."""
+    from fluxlora.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=2, checkpointing_steps=2, optimizer="adamw"))
+    optimizer_file = out / "checkpoint-2" / "optimizer.bin"
+    state = torch.load(optimizer_file, weights_only=True)
+    state["param_groups"][0]["params"] = [0, 1, 2]  # what a per-tensor optimizer saved
+    torch.save(state, optimizer_file)
+    reset_accelerate()
+    with pytest.raises(CheckpointError, match="--init_lora .*checkpoint-2/pytorch_lora_weights.safetensors"):
+        Trainer(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=2,
+                         resume_from_checkpoint="latest", optimizer="adamw"))
+
+
 def test_previews_and_sample_grid(demo_cache, tiny_flux_dev, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=2, checkpointing_steps=2, validation_steps=2,
@@ -270,3 +286,54 @@ def test_garbage_is_collected_on_schedule_and_automatic_collection_restored(demo
     trainer.run()
     assert seen == [(0, True), (3, False), (6, False)]  # once before the loop, then every 3 steps
     assert gc.isenabled()
+
+
+def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tiny_flux_dev, tmp_path):
+    """FlatParameters: the same training as per-tensor parameters, with one tensor for the optimizer
+    and the clipping; the trainer's LoRA weights stay views of it through a run and its checkpoints.
+    (Under DDP: tests/test_distributed.py, which compares 2 processes with 1.)"""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import FlatParameters, add_lora
+
+    def train_steps(flat: bool) -> dict[str, torch.Tensor]:
+        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
+        torch.manual_seed(0)
+        params = add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        holder = FlatParameters(params) if flat else None
+        stepped = [holder.flat] if flat else params
+        optimizer = torch.optim.AdamW(stepped, lr=1e-2, foreach=False)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for _ in range(2):  # accumulation over two backward passes
+                out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
+                            encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+                            pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                            img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
+                            return_dict=False)[0]
+                out.pow(2).mean().backward()
+            if flat:
+                holder.collect_grads()
+                assert all(p.grad is None for p in params)
+            torch.nn.utils.clip_grad_norm_(stepped, 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    per_tensor, flat = train_steps(False), train_steps(True)
+    assert any(v.abs().max() > 1e-3 for k, v in per_tensor.items() if "lora_B" in k)  # lora_B starts at 0
+    for key, value in per_tensor.items():
+        torch.testing.assert_close(flat[key], value, rtol=0, atol=1e-6, msg=key)
+
+    trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=3, checkpointing_steps=2,
+                               optimizer="adamw"))
+    assert trainer.params == [trainer.flat.flat]
+    lora = [p for p in trainer.transformer.parameters() if p.requires_grad]
+    assert trainer.flat.flat.numel() == sum(p.numel() for p in lora) and len(lora) > 50
+    before = {id(p): p.detach().clone() for p in lora}
+    trainer.run()
+    flat = trainer.flat.flat
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    assert all(start <= p.data_ptr() < end for p in lora)  # still views after a run and its checkpoints
+    assert any(not torch.equal(p, before[id(p)]) for p in lora if p.shape[1] == 16)  # lora_B [out, rank 16] trained
