@@ -107,7 +107,7 @@ class Trainer:
         if self.fsdp:  # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
             self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         else:
-            self.flat.bind()
+            self.flat.bind()  # prepare may have moved, i.e. copied, the LoRA weights out of the flat tensor
         register_lora_hooks(acc, self.transformer)
 
         self.step, self.position = 0, 0
