@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -48,7 +48,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir, "logs"))),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout)),
+                         # DDP would otherwise send rank 0's buffers to all before every forward: with
+                         # --base_model_precision fp8 those are the 12-24 GB of frozen fp8 weights
+                         DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
 
 

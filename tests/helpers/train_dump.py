@@ -7,6 +7,7 @@ the exported LoRA come from the main process only, so they cannot show that the 
 (Not for FSDP, whose processes hold shards: the run has ended its process group by then.)
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def main() -> None:
     dump = Path(ours.dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
     save_file(state, dump / f"rank-{trainer.accelerator.process_index}.safetensors")
+    model = trainer.transformer  # DDP's settings, for the test to check
+    (dump / f"rank-{trainer.accelerator.process_index}.json").write_text(json.dumps(
+        {"wrapper": type(model).__name__, "broadcast_buffers": getattr(model, "broadcast_buffers", None)}))
 
 
 if __name__ == "__main__":
