@@ -472,3 +472,22 @@ def test_convert_lora_cli(tiny_flux_dev, tmp_path, capsys):
 
     assert convert_lora.main([str(tmp_path / "missing.safetensors"), str(back), "--to", "kohya"]) == 1
     assert "missing.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_flux_dev_default_lora_size_as_the_allreduce_bench_assumes():
+    """bench/bench_allreduce.py times the all-reduce of this many gradient values (DDP's per-step traffic)."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import add_lora
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bench_allreduce import LORA_VALUES
+
+    with torch.device("meta"):  # the full FLUX.1-dev architecture, without memory
+        transformer = FluxTransformer2DModel(guidance_embeds=True).requires_grad_(False)
+    params = add_lora(transformer, rank=16, alpha=16, target_modules=DEFAULT_LORA_LAYERS)
+    assert (len(params), sum(p.numel() for p in params)) == (838, LORA_VALUES)
