@@ -18,7 +18,6 @@ measured in this run (also for fp8 rows, so that they compare).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -119,16 +118,13 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
         trainer.train_step(batches, window)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    if cfg.gc_steps:  # as Trainer.run schedules Python's garbage collection
-        gc.collect()
-        gc.disable()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batches, window)
-        trainer.maybe_collect_garbage()
-    torch.cuda.synchronize()
-    sec = (time.perf_counter() - start) / steps
-    gc.enable()
+    with trainer_mod.scheduled_garbage_collection(cfg.gc_steps > 0):  # as Trainer.run does
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batches, window)
+            trainer.maybe_collect_garbage()
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - start) / steps
     loss = window.flush(acc)["loss"]
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,

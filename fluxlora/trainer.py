@@ -161,12 +161,8 @@ class Trainer:
                            lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
         window = _Window(self.device)
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
-        automatic_gc = gc.isenabled()
-        if cfg.gc_steps:
-            gc.collect()
-            gc.disable()  # collections happen in maybe_collect_garbage, on every process at the same step
         try:
-            with contextlib.closing(batches):
+            with contextlib.closing(batches), scheduled_garbage_collection(cfg.gc_steps > 0):
                 while self.step < cfg.max_train_steps:
                     self.train_step(batches, window)
                     bar.update(1)
@@ -179,8 +175,6 @@ class Trainer:
         finally:
             bar.close()
             self.stop.restore()
-            if automatic_gc:
-                gc.enable()
         return self.finish()
 
     def train_step(self, batches: Iterator[tuple[Batch, dict]], window: "_Window") -> None:
@@ -483,6 +477,21 @@ class Preempted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many non-finite steps in a row; the last good state is checkpointed."""
+
+
+@contextlib.contextmanager
+def scheduled_garbage_collection(scheduled: bool) -> Iterator[None]:
+    """Python's automatic garbage collection off inside the block when `scheduled` (the loop collects
+    in Trainer.maybe_collect_garbage, on every process at the same step); as it was after the block."""
+    automatic = gc.isenabled()
+    if scheduled:
+        gc.collect()
+        gc.disable()
+    try:
+        yield
+    finally:
+        if automatic:
+            gc.enable()
 
 
 def check_distributed(acc: Accelerator, cfg: TrainConfig) -> bool:
