@@ -18,6 +18,7 @@ import functools
 import gc
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import Counter, defaultdict
@@ -51,6 +52,8 @@ from fluxlora.cache import (
 )
 from fluxlora.config import MAX_SEQUENCE_LENGTH, ConfigError, PrecomputeConfig
 from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
+
+logger = logging.getLogger(__name__)
 
 OXEN_PREFIX = "oxen:"
 T5_ATTENTION = "fluxlora_t5"  # the attn_implementation name of _t5_attention in transformers' registry
@@ -300,8 +303,53 @@ def _use_t5_attention(t5: Any) -> None:
     t5.set_attn_implementation(T5_ATTENTION)
 
 
-def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device) -> Any:
-    """FluxPipeline with only the tokenizers and text encoders (no transformer, no VAE); T5 runs _t5_attention."""
+class _T5Graph:
+    """T5's forward at a fixed [batch, tokens] as one CUDA graph: a replay launches the ~1,000 kernels
+    of T5-XXL's 24 layers at once, so encoding takes almost no host time and the image phase's thread
+    gets the interpreter. The same kernels as eager (captured inside the contexts that pick them), so
+    the same values; smaller batches run padded, other shapes eagerly. Installed as `t5.forward`, so
+    FluxPipeline.encode_prompt calls it; it returns what T5EncoderModel does at index 0."""
+
+    def __init__(self, t5: torch.nn.Module, batch: int, tokens: int):
+        self.eager = t5.forward
+        self.ids = torch.zeros(batch, tokens, dtype=torch.long, device=t5.device)
+        side = torch.cuda.Stream(t5.device)  # warm-up (cuBLAS workspaces, allocations) off the capture
+        side.wait_stream(torch.cuda.current_stream(t5.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.eager(self.ids, output_hidden_states=False)
+        torch.cuda.current_stream(t5.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.eager(self.ids, output_hidden_states=False)[0]  # [batch, tokens, d_model]
+
+    def __call__(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> tuple[torch.Tensor]:
+        n = input_ids.shape[0]
+        if output_hidden_states or n > self.ids.shape[0] or input_ids.shape[1] != self.ids.shape[1]:
+            return self.eager(input_ids, output_hidden_states=output_hidden_states)
+        self.ids[:n].copy_(input_ids)
+        self.ids[n:].zero_()  # padding rows: T5 runs without a mask, so rows do not mix
+        self.graph.replay()
+        return (self.out[:n],)  # valid until the next replay, which the stream orders after its readers
+
+
+def _graph_t5(pipe: Any, batch: int, tokens: int) -> None:
+    """Run pipe's T5 as a _T5Graph on CUDA; eagerly (with a warning) where capture fails."""
+    t5 = pipe.text_encoder_2
+    if t5.device.type != "cuda":
+        return
+    from fluxlora.models import attention_backends
+
+    try:
+        with torch.inference_mode(), _tf32_matmuls(t5.device), attention_backends(t5.device):
+            t5.forward = _T5Graph(t5, batch, tokens)
+    except RuntimeError as err:
+        logger.warning("T5 runs eagerly: capturing it as a CUDA graph failed (%s)", err)
+
+
+def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device, max_sequence_length: int) -> Any:
+    """FluxPipeline with only the tokenizers and text encoders (no transformer, no VAE); T5 runs
+    _t5_attention, on CUDA as a graph of --text_batch_size x max_sequence_length tokens."""
     from diffusers import FluxPipeline
 
     try:
@@ -312,7 +360,9 @@ def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device) -> Any:
         raise ConfigError("pretrained_model_name_or_path", f"cannot load the text encoders of "
                                                            f"{cfg.pretrained_model_name_or_path}: {err}") from err
     _use_t5_attention(pipe.text_encoder_2)
-    return pipe.to(device)
+    pipe.to(device)
+    _graph_t5(pipe, cfg.text_batch_size, max_sequence_length)
+    return pipe
 
 
 def _load_vae(cfg: PrecomputeConfig, device: torch.device) -> Any:
@@ -770,13 +820,13 @@ def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
     text_phase = functools.partial(_text_phase, cfg, device, pending_text, out_dir, max_sequence_length, show)
     image_phase = functools.partial(_image_phase, cfg, device, pending_images, out_dir, resolutions, show)
     if cfg.sequential_models:  # one model in memory at a time: the text encoders, then the VAE
-        written += text_phase(_load_text_pipeline(cfg, device) if pending_text else None)
+        written += text_phase(_load_text_pipeline(cfg, device, max_sequence_length) if pending_text else None)
         written += image_phase(_load_vae(cfg, device) if pending_images else None)
     else:
         # T5 (matmul-bound) and the VAE (convolutions, host-side decoding) share the GPU better than
         # they use it one after the other: the captions are encoded on a thread with a CUDA stream of
         # its own. Both models load first, here (loading sets process-wide defaults such as the dtype).
-        pipe = _load_text_pipeline(cfg, device) if pending_text else None
+        pipe = _load_text_pipeline(cfg, device, max_sequence_length) if pending_text else None
         vae = _load_vae(cfg, device) if pending_images else None
         with ThreadPoolExecutor(1, thread_name_prefix="text") as text_thread:
             text = text_thread.submit(text_phase, pipe, separate_stream=True)

@@ -251,7 +251,7 @@ class Trainer:
             for k, sigma in enumerate(VALIDATION_SIGMAS):
                 gen = sample_generator(self.cfg.seed + 1, i * len(VALIDATION_SIGMAS) + k, dev)
                 noise = torch.randn(x0.shape, generator=gen, device=dev)
-                with self.accelerator.autocast(), attention_backends(dev):
+                with self.accelerator.autocast(), attention_backends(dev, inference=True):
                     total += self.flow_loss(model, x0, noise, torch.full((1,), sigma, device=dev), t5, clip).item()
         return total / (len(self.holdout) * len(VALIDATION_SIGMAS))
 
@@ -366,7 +366,7 @@ class Trainer:
         pipe = embeddings_pipeline(self.accelerator.unwrap_model(self.transformer), vae, scheduler)
         pipe.set_progress_bar_config(disable=True)
         embeddings = [self.cache.text(cid) for _, cid in self.cache.validation]
-        with self.accelerator.autocast(), attention_backends(self.device):
+        with self.accelerator.autocast(), attention_backends(self.device, inference=True):
             return render_from_embeddings(pipe, embeddings, width=cfg.validation_width,
                                           height=cfg.validation_height, steps=cfg.validation_inference_steps,
                                           guidance_scale=cfg.validation_guidance_scale, seed=cfg.validation_seed,

@@ -106,9 +106,31 @@ def test_text_equals_flux_encode_prompt(built, text_pipe, demo_dir):
     assert not torch.equal(cache.text(first)[0], cache.text(second)[0])
 
 
+@pytest.mark.gpu
+def test_t5_as_a_cuda_graph_encodes_what_eager_t5_does(tmp_path, tiny_flux_dev):
+    """On CUDA, T5 replays one captured graph of --text_batch_size x tokens: the same states as
+    eager T5 for full batches and for the padded last one, each batch's own (a replay overwrites
+    the graph's output, which encode_prompt must not hand out)."""
+    pipe = precompute._load_text_pipeline(make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev),
+                                          torch.device("cuda"), SHORT_L)
+    graph = pipe.text_encoder_2.forward
+    assert isinstance(graph, precompute._T5Graph)
+    captions = [f"caption {i}: " + "red circle " * i for i in range(7)]  # batches of 4 and 3
+
+    def encode() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [row for rows in precompute.encode_captions(pipe, captions, SHORT_L, 4) for row in rows]
+
+    replayed = encode()
+    pipe.text_encoder_2.forward = graph.eager
+    for (t5, clip), (t5_eager, clip_eager) in zip(replayed, encode(), strict=True):
+        torch.testing.assert_close(t5, t5_eager)
+        torch.testing.assert_close(clip, clip_eager)
+    assert not torch.equal(replayed[0][0], replayed[4][0])
+
+
 def test_t5_runs_the_registered_sdpa_attention_which_equals_eager(tmp_path, tiny_flux_dev):
     cfg = make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev)
-    t5 = precompute._load_text_pipeline(cfg, torch.device("cpu")).text_encoder_2
+    t5 = precompute._load_text_pipeline(cfg, torch.device("cpu"), SHORT_L).text_encoder_2
     assert t5.config._attn_implementation == precompute.T5_ATTENTION  # what precompute encodes with
     ids = torch.randint(1, t5.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     padding = torch.ones_like(ids)
