@@ -129,7 +129,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
-               cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps, ddp_comm_hook=cfg.ddp_comm_hook,
+               cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -156,15 +156,12 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
     ap.add_argument("--cuda_graphs", action="store_true", help="the trainer's --cuda_graphs")
     ap.add_argument("--gc_steps", type=int, default=50, help="the trainer's --gc_steps (0: Python's automatic GC)")
-    ap.add_argument("--ddp_comm_hook", choices=["no", "bf16", "fp16"], default="no",
-                    help="the trainer's --ddp_comm_hook")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under accelerate launch: this process's GPU
     peak = matmul_tflops()
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                    base_model_precision=args.base_model_precision, low_memory=args.low_memory,
-                   optimizer=args.optimizer, cuda_graphs=args.cuda_graphs, gc_steps=args.gc_steps,
-                   ddp_comm_hook=args.ddp_comm_hook)
+                   optimizer=args.optimizer, cuda_graphs=args.cuda_graphs, gc_steps=args.gc_steps)
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:

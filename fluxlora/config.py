@@ -299,9 +299,6 @@ class TrainConfig(ModelSource):
     gc_steps: int = flag(50, "collect Python's garbage every N optimizer steps, on all processes at once, "
                               "instead of whenever Python decides (a collection on one process stalls the "
                               "step of all); 0 leaves Python's automatic collection on")
-    ddp_comm_hook: str = flag("no", "DDP's gradient all-reduce: bf16/fp16 send the LoRA's fp32 gradients at half "
-                                     "the bytes (accelerate's DDPCommunicationHookType; averaged in fp32 after)",
-                              choices=["no", "bf16", "fp16"])
     cuda_graphs: bool = flag(False, "with --compile, replay each block's kernels as CUDA graphs (torch.compile's "
                                     "reduce-overhead mode): removes most of the host's work per step, which "
                                     "limits small images and many GPUs per host; more memory")

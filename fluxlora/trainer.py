@@ -16,8 +16,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                               ProjectConfiguration, set_seed)
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -52,8 +51,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout)),
                          # DDP would otherwise send rank 0's buffers to all before every forward: with
                          # --base_model_precision fp8 those are the 12-24 GB of frozen fp8 weights
-                         DistributedDataParallelKwargs(broadcast_buffers=False,
-                                                      comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook))],
+                         DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
 
 
