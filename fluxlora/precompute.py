@@ -276,7 +276,7 @@ def _t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     Args:
         query: [B, heads, Lq, head_dim]; key, value: [B, heads, Lk, head_dim].
-        attention_mask: additive float mask [B, 1, Lq, Lk] (eager's format: 0 or the dtype's minimum), or None.
+        attention_mask: additive float mask [B, 1, 1 or Lq, Lk] (eager's format: 0 or the dtype's minimum), or None.
         position_bias: [1 or B, heads, Lq, Lk], T5's relative position bias.
 
     Returns:
@@ -292,14 +292,30 @@ def _t5_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out.transpose(1, 2).contiguous(), None
 
 
+def _t5_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.Tensor | None:
+    """T5's encoder mask for _t5_attention, registered with transformers' AttentionMaskInterface.
+
+    What transformers' eager_mask gives a bidirectional encoder, 0 where a key may be attended and the
+    dtype's minimum at padding, as [B, 1, 1, Lk] (it broadcasts over queries), without eager_mask's
+    host-to-device copy of its 0.0 (older transformers), which CUDA-graph capture refuses.
+
+    Args:
+        attention_mask: [B, Lk] padding mask (1 keeps a token), or None (no padding: no mask).
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask[:, None, None, :kv_length].bool()
+    return torch.where(keep, torch.zeros((), device=keep.device, dtype=dtype), torch.finfo(dtype).min)
+
+
 def _use_t5_attention(t5: Any) -> None:
     """Run `t5` (a transformers T5 model) with _t5_attention, under the name T5_ATTENTION."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
 
     AttentionInterface.register(T5_ATTENTION, _t5_attention)
     # A padding mask in eager's additive format; unregistered names would get no mask at all.
-    AttentionMaskInterface.register(T5_ATTENTION, eager_mask)
+    AttentionMaskInterface.register(T5_ATTENTION, _t5_mask)
     t5.set_attn_implementation(T5_ATTENTION)
 
 

@@ -109,7 +109,7 @@ class Trainer:
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
         if self.fsdp:  # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
             self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        else:
+        elif self.flat:
             self.flat.bind()  # prepare may have moved, i.e. copied, the LoRA weights out of the flat tensor
         register_lora_hooks(acc, self.transformer)
 
@@ -148,6 +148,11 @@ class Trainer:
             transformer.to(self.device)
         flat = None if self.fsdp else FlatParameters(params)
         if cfg.compile and self.device.type == "cuda":
+            # Under DDP, Dynamo would split each block's graph at DDP's bucket boundaries (its "DDPOptimizer",
+            # made for compiling the whole wrapped model). The blocks are compiled one by one, so DDP's
+            # all-reduces already start as each block's backward ends; the splits only add graphs, and
+            # with --cuda_graphs the 4-GPU step hung while recording them.
+            torch._dynamo.config.optimize_ddp = False
             # one graph per block type, reused 19/38 times
             transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
         return transformer, flat
