@@ -288,6 +288,24 @@ def test_garbage_is_collected_on_schedule_and_automatic_collection_restored(demo
     assert gc.isenabled()
 
 
+def test_attention_kernels_never_cudnn_in_training_and_cudnn_first_for_inference():
+    """cuDNN's attention backward crashed inside FLUX (illegal memory access); its forward runs FLUX's
+    attention ~2x faster than flash, so sampling and previews put it first. Settings restored after."""
+    from torch.nn.attention import SDPBackend
+
+    from fluxlora.models import attention_backends
+
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    with attention_backends(torch.device("cuda")):
+        assert not cuda.cudnn_sdp_enabled() and cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+    with attention_backends(torch.device("cuda"), inference=True):
+        assert cuda.cudnn_sdp_enabled() and cuda.flash_sdp_enabled()
+        assert torch._C._get_sdp_priority_order()[:2] == [int(SDPBackend.CUDNN_ATTENTION),
+                                                          int(SDPBackend.FLASH_ATTENTION)]
+    assert (cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+
+
 def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tiny_flux_dev, tmp_path):
     """FlatParameters: the same training as per-tensor parameters, with one tensor for the optimizer
     and the clipping; the trainer's LoRA weights stay views of it through a run and its checkpoints.
@@ -329,6 +347,8 @@ def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tin
     trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=3, checkpointing_steps=2,
                                optimizer="adamw"))
     assert trainer.params == [trainer.flat.flat]
+    # Dynamo must not split the compiled blocks at DDP's buckets: on 4 GPUs that hung CUDA-graph recording
+    assert torch._dynamo.config.optimize_ddp is False
     lora = [p for p in trainer.transformer.parameters() if p.requires_grad]
     assert trainer.flat.flat.numel() == sum(p.numel() for p in lora) and len(lora) > 50
     before = {id(p): p.detach().clone() for p in lora}
