@@ -129,7 +129,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
-               cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps,
+               cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -156,12 +156,15 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
     ap.add_argument("--cuda_graphs", action="store_true", help="the trainer's --cuda_graphs")
     ap.add_argument("--gc_steps", type=int, default=50, help="the trainer's --gc_steps (0: Python's automatic GC)")
+    ap.add_argument("--attention_backend", choices=["flash", "cudnn"], default="flash",
+                    help="the trainer's --attention_backend")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under accelerate launch: this process's GPU
     peak = matmul_tflops()
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                    base_model_precision=args.base_model_precision, low_memory=args.low_memory,
-                   optimizer=args.optimizer, cuda_graphs=args.cuda_graphs, gc_steps=args.gc_steps)
+                   optimizer=args.optimizer, cuda_graphs=args.cuda_graphs, gc_steps=args.gc_steps,
+                   attention_backend=args.attention_backend)
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:

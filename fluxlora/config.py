@@ -299,6 +299,10 @@ class TrainConfig(ModelSource):
     gc_steps: int = flag(50, "collect Python's garbage every N optimizer steps, on all processes at once, "
                               "instead of whenever Python decides (a collection on one process stalls the "
                               "step of all); 0 leaves Python's automatic collection on")
+    attention_backend: str = flag("flash", "attention kernel for training on CUDA: cudnn runs FLUX's attention about "
+                                           "twice as fast on Hopper, with its output gradients made contiguous "
+                                           "(its backward crashed without); not yet measured in training",
+                                  choices=["flash", "cudnn"])
     cuda_graphs: bool = flag(False, "with --compile, replay each block's kernels as CUDA graphs (torch.compile's "
                                     "reduce-overhead mode): removes most of the host's work per step, which "
                                     "limits small images and many GPUs per host; more memory")

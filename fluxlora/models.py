@@ -121,17 +121,42 @@ class FlatParameters:
             param.grad = None
 
 
-def attention_backends(device: torch.device, inference: bool = False) -> contextlib.AbstractContextManager:
-    """The SDPA kernels for the transformer on CUDA. Training: flash or memory-efficient attention,
-    never cuDNN, whose backward crashed (illegal memory access) inside FLUX on this stack; wrap forward
-    and backward, since gradient checkpointing recomputes attention in the backward pass. `inference`
-    (sampling, previews: no backward) puts cuDNN first, whose forward runs FLUX's attention about
-    twice as fast as flash on Hopper. The math kernel stays as the fallback for what the others refuse
-    (the text encoders' masked attention in sample.py)."""
+def attention_backends(device: torch.device, cudnn: bool = False) -> contextlib.AbstractContextManager:
+    """The SDPA kernels for the transformer on CUDA; wrap forward and backward (gradient checkpointing
+    recomputes attention in the backward pass). Flash or memory-efficient attention by default.
+    `cudnn` puts cuDNN's kernel first, which runs FLUX's attention about twice as fast on Hopper: for
+    passes without a backward (sampling, previews) and for training with contiguous_attention_grads,
+    without which its backward crashed inside FLUX (illegal memory access). The math kernel stays as
+    the fallback for what the others refuse (the text encoders' masked attention in sample.py)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if inference:
+    if cudnn:
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *backends], set_priority=True)
     return sdpa_kernel(backends)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_attention_grads(transformer: FluxTransformer2DModel) -> None:
+    """Give cuDNN's attention backward its output gradient in the output's own layout.
+
+    FLUX's single-stream blocks concatenate the attention output [B, S, 3072] with the MLP's [B, S,
+    12288] along features, so the attention output's gradient arrives as a slice of a wider tensor
+    (rows 15,360 values apart, not 3,072): a gradient whose strides differ from the output's, which
+    cuDNN's backward is known to mishandle (the double-stream blocks' gradients come contiguous). A
+    hook on each single block's attention makes it contiguous: one [B, S, 3072] copy per block.
+    """
+    for block in transformer.single_transformer_blocks:
+        block.attn.register_forward_hook(lambda _module, _args, out: _ContiguousGrad.apply(out))

@@ -161,7 +161,7 @@ def render_jobs(pipe: FluxPipeline, jobs: Sequence[PromptJob], *, batch_size: in
         same = list(same)
         for start in range(0, len(same), batch_size):
             group = same[start:start + batch_size]
-            with attention_backends(device, inference=True):
+            with attention_backends(device, cudnn=True):
                 out = pipe(prompt=[job.prompt for job in group], width=width, height=height,
                            num_inference_steps=steps, guidance_scale=guidance,
                            max_sequence_length=max_sequence_length,

@@ -27,7 +27,8 @@ from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, 
 from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
-from .models import DTYPES, FlatParameters, add_lora, attention_backends, load_transformer, load_vae_and_scheduler
+from .models import (DTYPES, FlatParameters, add_lora, attention_backends, contiguous_attention_grads, load_transformer,
+                     load_vae_and_scheduler)
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -102,6 +103,7 @@ class Trainer:
         transformer, self.flat = self.build_transformer()
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
+        self.cudnn_attention = cfg.attention_backend == "cudnn"
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -143,6 +145,8 @@ class Trainer:
                           dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
         if cfg.init_lora:
             load_lora_into_transformer(transformer, cfg.init_lora)
+        if cfg.attention_backend == "cudnn":
+            contiguous_attention_grads(transformer)
         if cfg.fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)
             transformer.to(self.device)
@@ -189,7 +193,7 @@ class Trainer:
             batch, data = next(batches)
             if self.cuda_graphs:  # the previous replay's outputs are no longer needed
                 torch.compiler.cudagraph_mark_step_begin()
-            with acc.accumulate(self.transformer), attention_backends(self.device):
+            with acc.accumulate(self.transformer), attention_backends(self.device, self.cudnn_attention):
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -254,7 +258,7 @@ class Trainer:
             for k, sigma in enumerate(VALIDATION_SIGMAS):
                 gen = sample_generator(self.cfg.seed + 1, i * len(VALIDATION_SIGMAS) + k, dev)
                 noise = torch.randn(x0.shape, generator=gen, device=dev)
-                with self.accelerator.autocast(), attention_backends(dev, inference=True):
+                with self.accelerator.autocast(), attention_backends(dev, cudnn=True):
                     total += self.flow_loss(model, x0, noise, torch.full((1,), sigma, device=dev), t5, clip).item()
         return total / (len(self.holdout) * len(VALIDATION_SIGMAS))
 
@@ -369,7 +373,7 @@ class Trainer:
         pipe = embeddings_pipeline(self.accelerator.unwrap_model(self.transformer), vae, scheduler)
         pipe.set_progress_bar_config(disable=True)
         embeddings = [self.cache.text(cid) for _, cid in self.cache.validation]
-        with self.accelerator.autocast(), attention_backends(self.device, inference=True):
+        with self.accelerator.autocast(), attention_backends(self.device, cudnn=True):
             return render_from_embeddings(pipe, embeddings, width=cfg.validation_width,
                                           height=cfg.validation_height, steps=cfg.validation_inference_steps,
                                           guidance_scale=cfg.validation_guidance_scale, seed=cfg.validation_seed,

@@ -288,9 +288,10 @@ def test_garbage_is_collected_on_schedule_and_automatic_collection_restored(demo
     assert gc.isenabled()
 
 
-def test_attention_kernels_never_cudnn_in_training_and_cudnn_first_for_inference():
-    """cuDNN's attention backward crashed inside FLUX (illegal memory access); its forward runs FLUX's
-    attention ~2x faster than flash, so sampling and previews put it first. Settings restored after."""
+def test_attention_kernels_flash_by_default_and_cudnn_first_when_asked():
+    """cuDNN's attention backward crashed inside FLUX (illegal memory access) with the gradient layout
+    that contiguous_attention_grads fixes; its forward runs FLUX's attention ~2x faster than flash, so
+    sampling and previews put it first. Settings restored after."""
     from torch.nn.attention import SDPBackend
 
     from fluxlora.models import attention_backends
@@ -299,11 +300,55 @@ def test_attention_kernels_never_cudnn_in_training_and_cudnn_first_for_inference
     before = (cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
     with attention_backends(torch.device("cuda")):
         assert not cuda.cudnn_sdp_enabled() and cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
-    with attention_backends(torch.device("cuda"), inference=True):
+    with attention_backends(torch.device("cuda"), cudnn=True):
         assert cuda.cudnn_sdp_enabled() and cuda.flash_sdp_enabled()
         assert torch._C._get_sdp_priority_order()[:2] == [int(SDPBackend.CUDNN_ATTENTION),
                                                           int(SDPBackend.FLASH_ATTENTION)]
     assert (cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+
+
+def test_attention_output_gradients_arrive_in_the_outputs_layout(tiny_flux_dev, monkeypatch):
+    """Without the hooks, the single-stream blocks hand SDPA's backward a gradient whose strides differ
+    from its output's (a slice of the concatenation with the MLP); with them every block's matches,
+    and the model computes the same values and LoRA gradients."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import add_lora, contiguous_attention_grads
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run(hooks: bool) -> tuple[list[bool], torch.Tensor, dict[str, torch.Tensor]]:
+        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
+        torch.manual_seed(0)
+        add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        if hooks:
+            contiguous_attention_grads(model)
+        matches = []  # per attention call, in backward order: gradient strides == output strides
+
+        def spy(*args, **kwargs):
+            out = sdpa(*args, **kwargs)
+            out.register_hook(lambda grad, stride=out.stride(): matches.append(grad.stride() == stride))
+            return out
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        gen = torch.Generator().manual_seed(1)
+        out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
+                    encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+                    pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                    img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
+                    return_dict=False)[0]
+        out.pow(2).mean().backward()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        return matches, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, hooked = run(False), run(True)
+    single = FluxTransformer2DModel.load_config(tiny_flux_dev, subfolder="transformer")["num_single_layers"]
+    assert single > 0 and plain[0] == [False] * single + [True] * (len(plain[0]) - single)
+    assert hooked[0] == [True] * len(plain[0])
+    torch.testing.assert_close(hooked[1], plain[1], rtol=0, atol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(hooked[2][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tiny_flux_dev, tmp_path):
