@@ -351,6 +351,26 @@ def test_attention_output_gradients_arrive_in_the_outputs_layout(tiny_flux_dev, 
         torch.testing.assert_close(hooked[2][name], grad, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention_backend", ["flash", "cudnn"])
+def test_cuda_graphs_train_with_previews_as_eager_does(demo_cache, tiny_flux_dev, tmp_path, attention_backend):
+    """On CUDA, the compiled blocks replayed as CUDA graphs (with cuDNN attention, whose backward needs
+    contiguous_attention_grads) train, render previews between steps (no-grad graphs beside the
+    training ones), and log the losses of an eager bf16 run to bf16 rounding."""
+    losses = {}
+    for name, options in (("eager", dict(compile=False)),
+                          ("graphs", dict(cuda_graphs=True, attention_backend=attention_backend))):
+        out = tmp_path / name
+        train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=4, validation_steps=2,
+                       validation_width=64, validation_height=48, validation_inference_steps=2, optimizer="adamw",
+                       mixed_precision="bf16", **options))
+        losses[name] = [row["loss"] for row in read_jsonl(out / "logs.jsonl")]
+        for step in ("step-000002", "step-000004"):
+            assert len(list((out / "samples" / step).glob("*.png"))) == 2, (name, step)
+    assert len(losses["graphs"]) == 4
+    torch.testing.assert_close(losses["graphs"], losses["eager"], rtol=2e-2, atol=1e-3)
+
+
 def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tiny_flux_dev, tmp_path):
     """FlatParameters: the same training as per-tensor parameters, with one tensor for the optimizer
     and the clipping; the trainer's LoRA weights stay views of it through a run and its checkpoints.
