@@ -332,9 +332,10 @@ def test_two_processes_train_what_one_process_trains(two_processes, one_process)
     assert_same_lora(ranks[0], reference, atol=LORA_ATOL)
     assert_same_lora(adapter(two_processes / "checkpoint-2"), adapter(one_process / "checkpoint-2"), atol=LORA_ATOL)
     assert_log_matches(two_processes, one_process, range(1, STEPS + 1))
-    # DDP sends no buffers before each forward (the fp8 base keeps its weights in buffers)
+    # DDP sends no buffers before each forward (the fp8 base keeps its weights in buffers), and its
+    # buckets hold the gradients (no copy back per step)
     ddp = json.loads((two_processes / "dump" / "rank-1.json").read_text())
-    assert ddp == {"wrapper": "DistributedDataParallel", "broadcast_buffers": False}
+    assert ddp == {"wrapper": "DistributedDataParallel", "broadcast_buffers": False, "gradient_as_bucket_view": True}
     state = json.loads((two_processes / "checkpoint-2" / "trainer_state.json").read_text())
     assert (state["world_size"], state["global_batch"], state["step"]) == (2, 2, 2)
 

@@ -32,7 +32,8 @@ def main() -> None:
     save_file(state, dump / f"rank-{trainer.accelerator.process_index}.safetensors")
     model = trainer.transformer  # DDP's settings, for the test to check
     (dump / f"rank-{trainer.accelerator.process_index}.json").write_text(json.dumps(
-        {"wrapper": type(model).__name__, "broadcast_buffers": getattr(model, "broadcast_buffers", None)}))
+        {"wrapper": type(model).__name__, "broadcast_buffers": getattr(model, "broadcast_buffers", None),
+         "gradient_as_bucket_view": getattr(model, "gradient_as_bucket_view", None)}))
 
 
 if __name__ == "__main__":
