@@ -99,7 +99,7 @@ def forward_flops(height: int, width: int, batch: int, text_tokens: int = 512) -
     return batch * 57 * (2 * per_token * tokens + 4 * tokens**2 * d)
 
 
-def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **options) -> dict:
+def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_bytes: int = 0, **options) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
@@ -130,9 +130,10 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, **option
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
                cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
+               checkpointed_blocks=trainer.checkpointed_blocks,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_gib=round((torch.cuda.max_memory_allocated() - held_bytes) / 2**30, 2),  # the trainer's own
                model_tflops=round(flops / sec / 1e12, 1), mfu_bf16=round(flops / sec / 1e12 / peak, 3),
                matmul_peak_tflops=round(peak, 1), loss=round(loss, 4))
     batches.close()  # stops the prefetch thread, which holds the trainer
@@ -158,9 +159,16 @@ def main() -> None:
     ap.add_argument("--gc_steps", type=int, default=50, help="the trainer's --gc_steps (0: Python's automatic GC)")
     ap.add_argument("--attention_backend", choices=["flash", "cudnn"], default="flash",
                     help="the trainer's --attention_backend")
+    ap.add_argument("--gpu_gib", type=float, default=None,
+                    help="act as a GPU of this many GiB (the rest is taken before the trainer starts): shows "
+                         "the trainer's choice of blocks to recompute")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under accelerate launch: this process's GPU
     peak = matmul_tflops()
+    held = 0
+    if args.gpu_gib:  # taken until the process exits
+        held = max(0, torch.cuda.mem_get_info()[1] - int(args.gpu_gib * 2**30))
+        filler = torch.empty(held, dtype=torch.uint8, device="cuda")  # noqa: F841
     options = dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                    base_model_precision=args.base_model_precision, low_memory=args.low_memory,
                    optimizer=args.optimizer, cuda_graphs=args.cuda_graphs, gc_steps=args.gc_steps,
@@ -168,7 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:
-                row = bench(res, batch, args.steps, Path(tmp), peak, **options)
+                row = bench(res, batch, args.steps, Path(tmp), peak, held, **options)
                 if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: images/s of all processes
                     print(json.dumps(row), flush=True)
 

@@ -27,8 +27,8 @@ from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, 
 from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
-from .models import (DTYPES, FlatParameters, add_lora, attention_backends, contiguous_attention_grads, load_transformer,
-                     load_vae_and_scheduler)
+from .models import (DTYPES, FlatParameters, add_lora, attention_backends, blocks_to_checkpoint, checkpoint_blocks,
+                     contiguous_attention_grads, load_transformer, load_vae_and_scheduler)
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -101,6 +101,9 @@ class Trainer:
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
+        # tokens (text + image) of the largest batch: what activation memory is sized for
+        self.max_tokens = cfg.train_batch_size * max(
+            (self.cache.max_sequence_length + (e.height // 16) * (e.width // 16) for e in entries), default=0)
         transformer, self.flat = self.build_transformer()
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
@@ -140,8 +143,6 @@ class Trainer:
                                        revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype)
         if not cfg.fp8_base and not self.fsdp:  # FSDP moves each process's shard to its GPU
             transformer.to(self.device)
-        if cfg.checkpointing:
-            transformer.enable_gradient_checkpointing()
         params = add_lora(transformer, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.lora_layers,
                           dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
         if cfg.init_lora:
@@ -151,6 +152,7 @@ class Trainer:
         if cfg.fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)
             transformer.to(self.device)
+        self.checkpointed_blocks = self.checkpoint_as_memory_requires(transformer, params)
         flat = None if self.fsdp else FlatParameters(params)
         # Under DDP, Dynamo would split each compiled block's graph at DDP's bucket boundaries (its
         # "DDPOptimizer", made for compiling the whole wrapped model). The blocks are compiled one by one,
@@ -186,6 +188,28 @@ class Trainer:
             bar.close()
             self.stop.restore()
         return self.finish()
+
+    def checkpoint_as_memory_requires(self, transformer: torch.nn.Module, params: list[torch.nn.Parameter]) -> int:
+        """Recompute every block's activations with --gradient_checkpointing (or --low_memory); otherwise,
+        on one GPU or under DDP, as few blocks as let the largest batch's activations fit the memory left
+        once the model is on the GPU. Returns how many blocks recompute."""
+        blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        if self.cfg.checkpointing:
+            transformer.enable_gradient_checkpointing()
+            return blocks
+        if self.device.type != "cuda" or self.fsdp:  # FSDP has not sharded the base yet: memory unknown here
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)
+        # kept back: the optimizer's state, gradients and DDP's buckets (<= 16 bytes per LoRA value),
+        # allocator slack, workspaces and the previews' VAE decode
+        reserve = 4 * 2**30 + total // 20 + 16 * sum(p.numel() for p in params)
+        count = blocks_to_checkpoint(free - reserve, self.max_tokens, blocks)
+        if count:
+            checkpoint_blocks(transformer, count)
+            logger.info(f"Recomputing {count} of {blocks} blocks' activations in the backward pass: batches of up "
+                        f"to {self.max_tokens} tokens would not fit the {free / 2**30:.1f} GiB left otherwise "
+                        f"(--gradient_checkpointing recomputes all)", main_process_only=True)
+        return count
 
     def train_step(self, batches: Iterator[tuple[Batch, dict]], window: "_Window") -> None:
         """One optimizer step over `gradient_accumulation_steps` batches."""

@@ -351,6 +351,72 @@ def test_attention_output_gradients_arrive_in_the_outputs_layout(tiny_flux_dev, 
         torch.testing.assert_close(hooked[2][name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_blocks_to_checkpoint_is_the_fewest_that_fit():
+    from fluxlora.models import ACTIVATION_BYTES_PER_TOKEN as KEEP, CHECKPOINT_BYTES_PER_TOKEN as INPUT
+    from fluxlora.models import blocks_to_checkpoint
+
+    tokens, blocks = 4608, 57  # 1024 px, batch 1: ~32 GiB of activations without checkpointing
+    everything = blocks * tokens * KEEP
+    assert blocks_to_checkpoint(everything, tokens, blocks) == 0
+    assert blocks_to_checkpoint(0, tokens, blocks) == blocks  # even all may not fit: all
+    for free_gib in (10, 20, 30):
+        free = free_gib * 2**30
+        count = blocks_to_checkpoint(free, tokens, blocks)
+
+        def used(n: int) -> int:
+            return (blocks - n) * tokens * KEEP + n * tokens * INPUT
+
+        assert 0 < count < blocks and used(count) <= free < used(count - 1), free_gib
+    assert blocks_to_checkpoint(10 * 2**30, tokens, blocks) > blocks_to_checkpoint(20 * 2**30, tokens, blocks)
+
+
+def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monkeypatch):
+    """The first `count` blocks (double-stream first) go through torch's checkpoint, the others not;
+    values and LoRA gradients as without checkpointing."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import add_lora, checkpoint_blocks
+
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def run(count: int | None) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
+        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
+        torch.manual_seed(0)
+        add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        torch.nn.init.normal_(model.transformer_blocks[0].attn.to_q.lora_B.default.weight)  # LoRA grads of A too
+        names = {id(b): f"double{i}" for i, b in enumerate(model.transformer_blocks)}
+        names.update({id(b): f"single{i}" for i, b in enumerate(model.single_transformer_blocks)})
+        recomputed = []
+
+        def spy(function, *args, **kwargs):
+            recomputed.append(names[id(function.__self__)])
+            return checkpoint(function, *args, **kwargs)
+
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+        if count is not None:
+            checkpoint_blocks(model, count)
+        model.train()
+        gen = torch.Generator().manual_seed(1)
+        out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
+                    encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+                    pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                    img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
+                    return_dict=False)[0]
+        out.pow(2).mean().backward()
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+        return recomputed, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = run(None)
+    config = FluxTransformer2DModel.load_config(tiny_flux_dev, subfolder="transformer")
+    count = config["num_layers"] + 1  # every double-stream block and the first single-stream one
+    some = run(count)
+    assert plain[0] == [] and some[0] == [f"double{i}" for i in range(config["num_layers"])] + ["single0"]
+    torch.testing.assert_close(some[1], plain[1], rtol=0, atol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(some[2][name], grad, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention_backend", ["flash", "cudnn"])
 def test_cuda_graphs_train_with_previews_as_eager_does(demo_cache, tiny_flux_dev, tmp_path, attention_backend):
