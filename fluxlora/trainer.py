@@ -101,13 +101,13 @@ class Trainer:
         self.stream = BucketBatchStream(entries, self.global_batch, cfg.seed, repeats=cfg.repeats,
                                         caption_dropout=cfg.caption_dropout)
 
+        self.cudnn_attention = cfg.attention_backend == "cudnn"
         # tokens (text + image) of the largest batch: what activation memory is sized for
         self.max_tokens = cfg.train_batch_size * max(
             (self.cache.max_sequence_length + (e.height // 16) * (e.width // 16) for e in entries), default=0)
         transformer, self.flat = self.build_transformer()
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
-        self.cudnn_attention = cfg.attention_backend == "cudnn"
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -147,7 +147,7 @@ class Trainer:
                           dropout=cfg.lora_dropout, init=cfg.init_lora_weights)
         if cfg.init_lora:
             load_lora_into_transformer(transformer, cfg.init_lora)
-        if cfg.attention_backend == "cudnn":
+        if self.cudnn_attention:
             contiguous_attention_grads(transformer)
         if cfg.fp8_base:  # after the LoRA (see quantize_blocks); block by block, so bf16 never fills the GPU
             fp8.quantize_blocks(transformer, self.device, keep_transpose=not cfg.low_memory)

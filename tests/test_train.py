@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from fluxlora import flow
@@ -24,6 +24,25 @@ DEFAULTS = dict(max_train_steps=8, checkpointing_steps=4, seed=7)
 
 def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
     return train_config(cache, model, out, **{**DEFAULTS, **overrides})
+
+
+def tiny_lora_transformer(model: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The tiny transformer with the default LoRA layers at rank 4 (seeded), and the LoRA weights."""
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import add_lora
+
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    torch.manual_seed(0)
+    return transformer, add_lora(transformer, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+
+
+def tiny_forward(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+    """The tiny transformer's prediction on random inputs drawn from `gen`: 16 image and 8 text tokens."""
+    return model(hidden_states=torch.randn(1, 16, 64, generator=gen),
+                 encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+                 pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
+                 return_dict=False)[0]
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -260,7 +279,6 @@ def test_schnell_models_without_guidance_train(tiny_flux_schnell, demo_dir, tmp_
 def test_single_file_transformer_trains_with_base_components(demo_cache, tiny_flux_dev, tmp_path):
     """A transformer shipped as one .safetensors file (the rest of the pipeline from
     --base_components, which the cache was built from)."""
-    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
     single = tmp_path / "flux-transformer.safetensors"
@@ -311,17 +329,12 @@ def test_attention_output_gradients_arrive_in_the_outputs_layout(tiny_flux_dev, 
     """Without the hooks, the single-stream blocks hand SDPA's backward a gradient whose strides differ
     from its output's (a slice of the concatenation with the MLP); with them every block's matches,
     and the model computes the same values and LoRA gradients."""
-    from diffusers import FluxTransformer2DModel
-
-    from fluxlora.config import DEFAULT_LORA_LAYERS
-    from fluxlora.models import add_lora, contiguous_attention_grads
+    from fluxlora.models import contiguous_attention_grads
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def run(hooks: bool) -> tuple[list[bool], torch.Tensor, dict[str, torch.Tensor]]:
-        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
-        torch.manual_seed(0)
-        add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        model, _ = tiny_lora_transformer(tiny_flux_dev)
         if hooks:
             contiguous_attention_grads(model)
         matches = []  # per attention call, in backward order: gradient strides == output strides
@@ -333,11 +346,7 @@ def test_attention_output_gradients_arrive_in_the_outputs_layout(tiny_flux_dev, 
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
         gen = torch.Generator().manual_seed(1)
-        out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
-                    encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
-                    pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
-                    img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
-                    return_dict=False)[0]
+        out = tiny_forward(model, gen)
         out.pow(2).mean().backward()
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
         return matches, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -373,17 +382,12 @@ def test_blocks_to_checkpoint_is_the_fewest_that_fit():
 def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monkeypatch):
     """The first `count` blocks (double-stream first) go through torch's checkpoint, the others not;
     values and LoRA gradients as without checkpointing."""
-    from diffusers import FluxTransformer2DModel
-
-    from fluxlora.config import DEFAULT_LORA_LAYERS
-    from fluxlora.models import add_lora, checkpoint_blocks
+    from fluxlora.models import checkpoint_blocks
 
     checkpoint = torch.utils.checkpoint.checkpoint
 
     def run(count: int | None) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
-        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
-        torch.manual_seed(0)
-        add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        model, _ = tiny_lora_transformer(tiny_flux_dev)
         torch.nn.init.normal_(model.transformer_blocks[0].attn.to_q.lora_B.default.weight)  # LoRA grads of A too
         names = {id(b): f"double{i}" for i, b in enumerate(model.transformer_blocks)}
         names.update({id(b): f"single{i}" for i, b in enumerate(model.single_transformer_blocks)})
@@ -398,11 +402,7 @@ def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monk
             checkpoint_blocks(model, count)
         model.train()
         gen = torch.Generator().manual_seed(1)
-        out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
-                    encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
-                    pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
-                    img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
-                    return_dict=False)[0]
+        out = tiny_forward(model, gen)
         out.pow(2).mean().backward()
         monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
         return recomputed, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -441,26 +441,17 @@ def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tin
     """FlatParameters: the same training as per-tensor parameters, with one tensor for the optimizer
     and the clipping; the trainer's LoRA weights stay views of it through a run and its checkpoints.
     (Under DDP: tests/test_distributed.py, which compares 2 processes with 1.)"""
-    from diffusers import FluxTransformer2DModel
-
-    from fluxlora.config import DEFAULT_LORA_LAYERS
-    from fluxlora.models import FlatParameters, add_lora
+    from fluxlora.models import FlatParameters
 
     def train_steps(flat: bool) -> dict[str, torch.Tensor]:
-        model = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
-        torch.manual_seed(0)
-        params = add_lora(model, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
+        model, params = tiny_lora_transformer(tiny_flux_dev)
         holder = FlatParameters(params) if flat else None
         stepped = [holder.flat] if flat else params
         optimizer = torch.optim.AdamW(stepped, lr=1e-2, foreach=False)
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
             for _ in range(2):  # accumulation over two backward passes
-                out = model(hidden_states=torch.randn(1, 16, 64, generator=gen),
-                            encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
-                            pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
-                            img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]),
-                            return_dict=False)[0]
+                out = tiny_forward(model, gen)
                 out.pow(2).mean().backward()
             if flat:
                 holder.collect_grads()
