@@ -108,6 +108,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
                       checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0, **options)
     cfg.validate()
     trainer_mod.load_transformer = lambda *_args, **_kwargs: random_transformer()  # instead of loading weights
+    torch.cuda.reset_peak_memory_stats()  # the peak includes compiling and recording CUDA graphs
     trainer = trainer_mod.Trainer(cfg)
     acc = trainer.accelerator
     cache = trainer.cache
@@ -117,7 +118,6 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
     for _ in range(3 if cfg.compile else 2):
         trainer.train_step(batches, window)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     with trainer_mod.scheduled_garbage_collection(cfg.gc_steps > 0):  # as Trainer.run does
         start = time.perf_counter()
         for _ in range(steps):
@@ -129,7 +129,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
-               cuda_graphs=cfg.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
+               cuda_graphs=trainer.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
                checkpointed_blocks=trainer.checkpointed_blocks,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
@@ -155,9 +155,10 @@ def main() -> None:
     ap.add_argument("--base_model_precision", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--low_memory", action="store_true")
     ap.add_argument("--optimizer", default="adamw8bit", help="the trainer's --optimizer (adamw under FSDP)")
-    ap.add_argument("--cuda_graphs", action="store_true", help="the trainer's --cuda_graphs")
+    ap.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="the trainer's --cuda_graphs (default: on where it applies)")
     ap.add_argument("--gc_steps", type=int, default=50, help="the trainer's --gc_steps (0: Python's automatic GC)")
-    ap.add_argument("--attention_backend", choices=["flash", "cudnn"], default="flash",
+    ap.add_argument("--attention_backend", choices=["flash", "cudnn"], default="cudnn",
                     help="the trainer's --attention_backend")
     ap.add_argument("--gpu_gib", type=float, default=None,
                     help="act as a GPU of this many GiB (the rest is taken before the trainer starts): shows "

@@ -28,7 +28,7 @@ from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import (DTYPES, FlatParameters, add_lora, attention_backends, blocks_to_checkpoint, checkpoint_blocks,
-                     contiguous_attention_grads, load_transformer, load_vae_and_scheduler)
+                     compile_blocks, contiguous_attention_grads, load_transformer, load_vae_and_scheduler)
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -102,12 +102,12 @@ class Trainer:
                                         caption_dropout=cfg.caption_dropout)
 
         self.cudnn_attention = cfg.attention_backend == "cudnn"
+        self.cuda_graphs = use_cuda_graphs(cfg, self.device, self.fsdp)
         # tokens (text + image) of the largest batch: what activation memory is sized for
         self.max_tokens = cfg.train_batch_size * max(
             (self.cache.max_sequence_length + (e.height // 16) * (e.width // 16) for e in entries), default=0)
         transformer, self.flat = self.build_transformer()
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
-        self.cuda_graphs = cfg.cuda_graphs and cfg.compile and self.device.type == "cuda"
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -160,8 +160,7 @@ class Trainer:
         # the 512 px step 0.57 s instead of 0.15 s, and with --cuda_graphs it hung while recording them.
         torch._dynamo.config.optimize_ddp = False
         if cfg.compile and self.device.type == "cuda":
-            # one graph per block type, reused 19/38 times
-            transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
+            compile_blocks(transformer, cuda_graphs=self.cuda_graphs, checkpointed=self.checkpointed_blocks)
         return transformer, flat
 
     # ---------------------------------------------------------------- the loop
@@ -199,10 +198,11 @@ class Trainer:
             return blocks
         if self.device.type != "cuda" or self.fsdp:  # FSDP has not sharded the base yet: memory unknown here
             return 0
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
         # kept back: the optimizer's state, gradients and DDP's buckets (<= 16 bytes per LoRA value),
-        # allocator slack, workspaces and the previews' VAE decode
-        reserve = 4 * 2**30 + total // 20 + 16 * sum(p.numel() for p in params)
+        # allocator slack, workspaces and the previews' VAE decode. Not a share of the card's total: on
+        # an H200 acting as a 40 GiB card, 5% of 141 GiB left 13 GiB unused (27 GiB peak, 51 blocks).
+        reserve = 2 * 2**30 + free // 20 + 16 * sum(p.numel() for p in params)
         count = blocks_to_checkpoint(free - reserve, self.max_tokens, blocks)
         if count:
             checkpoint_blocks(transformer, count)
@@ -216,8 +216,6 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         for _ in range(cfg.gradient_accumulation_steps):
             batch, data = next(batches)
-            if self.cuda_graphs:  # the previous replay's outputs are no longer needed
-                torch.compiler.cudagraph_mark_step_begin()
             with acc.accumulate(self.transformer), attention_backends(self.device, self.cudnn_attention):
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
@@ -550,6 +548,16 @@ def check_distributed(acc: Accelerator, cfg: TrainConfig) -> bool:
         raise ConfigError("optimizer", "adamw8bit cannot step FSDP's sharded parameters; pass --optimizer adamw "
                                        "(under FSDP each GPU keeps only its share of the LoRA's optimizer state)")
     return True
+
+
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device, fsdp: bool) -> bool:
+    """--cuda_graphs as given, or by default wherever graphs apply: compiled blocks on CUDA, one batch per
+    optimizer step (a replay reuses the memory of the previous one's gradients) and no FSDP."""
+    if not (cfg.compile and device.type == "cuda"):
+        return False
+    if cfg.cuda_graphs is not None:
+        return cfg.cuda_graphs
+    return cfg.gradient_accumulation_steps == 1 and not fsdp
 
 
 def train(cfg: TrainConfig) -> Path:
