@@ -1,7 +1,7 @@
 """precompute_embeddings' throughput on FLUX.1-dev's full VAE, CLIP and T5-XXL (random weights),
 beside the naive loop (one `encode_prompt` and one `vae.encode` per image), in one process.
 
-    python bench/bench_precompute.py --images 256 --res 1024 [--compile_vae]
+    python bench/bench_precompute.py --images 256 --res 1024
 
 Images are synthetic JPEGs of varied sizes and aspect ratios with distinct captions. Prints one
 JSON line per implementation: images/s of the encoding phase (model loading excluded, reported
@@ -34,15 +34,15 @@ WORDS = ("red blue green golden misty quiet old new bright dark river mountain c
          "portrait studio light evening morning painting photo sketch warm cold tall small wide lake tower").split()
 
 
-def make_dataset(folder: Path, count: int, res: int, seed: int = 0) -> Path:
+def make_dataset(folder: Path, count: int, res: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    rng = random.Random(0)
     for i in range(count):
         w, h = rng.choice([(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2)])
         scale = rng.uniform(1.0, 1.5) * res / (w * h) ** 0.5
         size = (int(w * scale), int(h * scale))
         gradient = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None] * np.ones((size[1], 1, 3))
-        noise = np.random.default_rng(i + 100_000 * seed).normal(0, 20, (size[1], size[0], 3))
+        noise = np.random.default_rng(i).normal(0, 20, (size[1], size[0], 3))
         Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
         caption = f"image {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
         (folder / f"{i:05d}.txt").write_text(caption)
@@ -64,31 +64,19 @@ def timed_loads(record: dict) -> None:
         setattr(precompute, name, wrapper)
 
 
-def bench_fluxlora(model: Path, data: Path, out: Path, res: int, images: int, compile_vae: bool = False,
-                   warmup_data: Path | None = None) -> dict:
-    """precompute.run on `data`; with `compile_vae`, after a run on `warmup_data` (other images of the
-    same aspect ratios) that pays the compiles, reported apart as warmup_s."""
-    def run(folder: Path, cache: Path) -> None:
-        cfg = PrecomputeConfig(dataset=str(folder), embeddings_dir=str(cache), pretrained_model_name_or_path=str(model),
-                               resolutions=[res], compile_vae=compile_vae)
-        cfg.validate()
-        precompute.run(cfg, Accelerator())
-
-    warmup = 0.0
-    if compile_vae:
-        start = time.perf_counter()
-        run(warmup_data, out.with_name(out.name + "-warmup"))
-        warmup = time.perf_counter() - start
+def bench_fluxlora(model: Path, data: Path, out: Path, res: int, images: int) -> dict:
     record = {"load_s": 0.0}
     timed_loads(record)
+    cfg = PrecomputeConfig(dataset=str(data), embeddings_dir=str(out), pretrained_model_name_or_path=str(model),
+                           resolutions=[res])
+    cfg.validate()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    run(data, out)
+    precompute.run(cfg, Accelerator())
     total = time.perf_counter() - start
     encode = total - record["load_s"]
-    return dict(impl="fluxlora", compile_vae=compile_vae, images=images, res=res, total_s=round(total, 2),
-                load_s=round(record["load_s"], 2), warmup_s=round(warmup, 1), img_per_s=round(images / encode, 2),
-                img_per_s_end_to_end=round(images / total, 2))
+    return dict(impl="fluxlora", images=images, res=res, total_s=round(total, 2), load_s=round(record["load_s"], 2),
+                img_per_s=round(images / encode, 2), img_per_s_end_to_end=round(images / total, 2))
 
 
 @torch.inference_mode()
@@ -118,8 +106,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--workdir", default="/tmp/bench-precompute")
-    ap.add_argument("--compile_vae", action="store_true",
-                    help="also time precompute with --compile_vae (after a warm-up run that compiles)")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)  # a cache left by an earlier run would be reused, not timed
@@ -128,12 +114,9 @@ def main() -> None:
     data = make_dataset(work / "data", args.images, args.res)
     card = torch.cuda.get_device_name()
     print(json.dumps({**bench_naive(model, data, args.res, args.images), "card": card}), flush=True)
-    for compile_vae in (False, True) if args.compile_vae else (False,):
-        torch.cuda.empty_cache()
-        warmup_data = make_dataset(work / "warmup-data", 48, args.res, seed=1) if compile_vae else None
-        row = bench_fluxlora(model, data, work / f"cache-{compile_vae}", args.res, args.images, compile_vae,
-                             warmup_data)
-        print(json.dumps({**row, "card": card}), flush=True)
+    torch.cuda.empty_cache()
+    print(json.dumps({**bench_fluxlora(model, data, work / "cache", args.res, args.images), "card": card}),
+          flush=True)
 
 
 if __name__ == "__main__":

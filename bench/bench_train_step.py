@@ -118,6 +118,8 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
     for _ in range(3 if cfg.compile else 2):
         trainer.train_step(batches, window)
     torch.cuda.synchronize()
+    whole_run_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     with trainer_mod.scheduled_garbage_collection(cfg.gc_steps > 0):  # as Trainer.run does
         start = time.perf_counter()
         for _ in range(steps):
@@ -133,7 +135,10 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
                checkpointed_blocks=trainer.checkpointed_blocks,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
-               peak_gib=round((torch.cuda.max_memory_allocated() - held_bytes) / 2**30, 2),  # the trainer's own
+               # the trainer's own memory: over the whole run (loading, compiling, recording graphs), and
+               # over the timed steps
+               peak_gib=round((max(whole_run_peak, torch.cuda.max_memory_allocated()) - held_bytes) / 2**30, 2),
+               steady_peak_gib=round((torch.cuda.max_memory_allocated() - held_bytes) / 2**30, 2),
                model_tflops=round(flops / sec / 1e12, 1), mfu_bf16=round(flops / sec / 1e12 / peak, 3),
                matmul_peak_tflops=round(peak, 1), loss=round(loss, 4))
     batches.close()  # stops the prefetch thread, which holds the trainer

@@ -193,10 +193,6 @@ class PrecomputeConfig:
     vae_batch_size: int = flag(8, "images per VAE batch (one bucket per batch)")
     shard_size: int = flag(64, "images per cache shard")
     sequential_models: bool = flag(False, "load the text encoders and the VAE one after another (less memory)")
-    compile_vae: bool | None = flag(None, "torch.compile the VAE encoder on CUDA: 1.4x faster encoding (53.6 against "
-                                          "37.5 images/s at 1024 px on an H200) after ~25 s of compiling, and once "
-                                          "more at the second image size. Default: on when this process has at least "
-                                          "10,000 images x resolutions to encode, where that pays off")
     strict: bool = flag(False, "fail instead of skipping any image or caption")
     oxen_revision: str | None = flag(None, "branch or commit of an oxen: dataset")
     oxen_host: str | None = flag(None, "Oxen server host (default: Oxen's own config)")

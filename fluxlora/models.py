@@ -167,6 +167,11 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
     inputs that a graph recording cannot follow. Every forward of the transformer starts a new round of
     replays, whose outputs may overwrite the last round's: training reads nothing of a forward after its
     backward, sampling nothing of a denoising step after the next begins."""
+    # Each block type is compiled once per variant it meets: bucket shapes (dynamic after the second),
+    # whether its input requires grad (the first block's does not), grad or no-grad (previews), the
+    # checkpoint's recomputation, graphs or not. Dynamo's default limit of 8 was hit on the tiny model
+    # with recomputed blocks and previews, which fullgraph=True turns into an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     for index, block in enumerate(blocks):
         block.compile(fullgraph=True, mode="reduce-overhead" if cuda_graphs and index >= checkpointed else None)

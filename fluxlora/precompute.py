@@ -381,19 +381,7 @@ def _load_text_pipeline(cfg: PrecomputeConfig, device: torch.device, max_sequenc
     return pipe
 
 
-# Encodes (images x resolutions) from which compiling the VAE encoder pays: it saves ~8 ms per 1024 px
-# image and ~2 ms per 512 px one on an H200, against ~25 s per compile (two: the first and second sizes).
-COMPILE_VAE_MIN_ENCODES = 10_000
-
-
-def compile_vae_for(cfg: PrecomputeConfig, device: torch.device, encodes: int) -> bool:
-    """--compile_vae as given, or by default when `encodes` (this process's) repay the compile time."""
-    if device.type != "cuda":
-        return False
-    return cfg.compile_vae if cfg.compile_vae is not None else encodes >= COMPILE_VAE_MIN_ENCODES
-
-
-def _load_vae(cfg: PrecomputeConfig, device: torch.device, compile_encoder: bool = False) -> Any:
+def _load_vae(cfg: PrecomputeConfig, device: torch.device) -> Any:
     from diffusers import AutoencoderKL
 
     try:
@@ -403,10 +391,7 @@ def _load_vae(cfg: PrecomputeConfig, device: torch.device, compile_encoder: bool
     except (OSError, ValueError) as err:
         raise ConfigError("pretrained_model_name_or_path", f"cannot load the VAE of "
                                                            f"{cfg.pretrained_model_name_or_path}: {err}") from err
-    vae = vae.to(device).eval()
-    if compile_encoder:  # fuses the GroupNorm + SiLU passes over the full-size activations
-        vae.encoder.compile()
-    return vae
+    return vae.to(device).eval()
 
 
 def _free(device: torch.device) -> None:
@@ -848,18 +833,17 @@ def run(cfg: PrecomputeConfig, accelerator: Accelerator) -> PrecomputeResult:
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
     device, show = accelerator.device, accelerator.is_main_process
-    compile_vae = compile_vae_for(cfg, device, sum(len(s.samples) for s in pending_images) * len(resolutions))
     text_phase = functools.partial(_text_phase, cfg, device, pending_text, out_dir, max_sequence_length, show)
     image_phase = functools.partial(_image_phase, cfg, device, pending_images, out_dir, resolutions, show)
     if cfg.sequential_models:  # one model in memory at a time: the text encoders, then the VAE
         written += text_phase(_load_text_pipeline(cfg, device, max_sequence_length) if pending_text else None)
-        written += image_phase(_load_vae(cfg, device, compile_vae) if pending_images else None)
+        written += image_phase(_load_vae(cfg, device) if pending_images else None)
     else:
         # T5 (matmul-bound) and the VAE (convolutions, host-side decoding) share the GPU better than
         # they use it one after the other: the captions are encoded on a thread with a CUDA stream of
         # its own. Both models load first, here (loading sets process-wide defaults such as the dtype).
         pipe = _load_text_pipeline(cfg, device, max_sequence_length) if pending_text else None
-        vae = _load_vae(cfg, device, compile_vae) if pending_images else None
+        vae = _load_vae(cfg, device) if pending_images else None
         with ThreadPoolExecutor(1, thread_name_prefix="text") as text_thread:
             text = text_thread.submit(text_phase, pipe, separate_stream=True)
             del pipe  # the phases free their model when done

@@ -1,7 +1,6 @@
 """precompute_embeddings.py / fluxlora.precompute against diffusers' own encoders on the tiny pipeline."""
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -127,31 +126,6 @@ def test_t5_as_a_cuda_graph_encodes_what_eager_t5_does(tmp_path, tiny_flux_dev):
         torch.testing.assert_close(t5, t5_eager)
         torch.testing.assert_close(clip, clip_eager)
     assert not torch.equal(replayed[0][0], replayed[4][0])
-
-
-def test_vae_compiles_where_the_work_repays_it(tmp_path, tiny_flux_dev):
-    cfg = make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev)
-    cuda, cpu, many = torch.device("cuda"), torch.device("cpu"), precompute.COMPILE_VAE_MIN_ENCODES
-    assert cfg.compile_vae is None
-    assert precompute.compile_vae_for(cfg, cuda, many) and not precompute.compile_vae_for(cfg, cuda, many - 1)
-    assert not precompute.compile_vae_for(cfg, cpu, many)  # and never on the CPU
-    assert precompute.compile_vae_for(dataclasses.replace(cfg, compile_vae=True), cuda, 1)
-    assert not precompute.compile_vae_for(dataclasses.replace(cfg, compile_vae=False), cuda, many)
-
-
-@pytest.mark.gpu
-def test_compiled_vae_encodes_what_eager_vae_does(tmp_path, tiny_flux_dev):
-    """--compile_vae: the compiled encoder's posterior within bf16 rounding of the eager one's, at two
-    bucket sizes (the second compiles with dynamic shapes)."""
-    cfg = make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev)
-    eager = precompute._load_vae(cfg, torch.device("cuda"))
-    compiled = precompute._load_vae(cfg, torch.device("cuda"), compile_encoder=True)
-    for size in ((48, 64), (64, 48), (80, 32)):
-        pixels = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        for mine, theirs in zip(precompute.encode_images(compiled, pixels).rows(),
-                                precompute.encode_images(eager, pixels).rows(), strict=True):
-            for a, b in zip(mine, theirs, strict=True):
-                torch.testing.assert_close(a, b)  # bf16 tolerances
 
 
 def test_t5_runs_the_registered_sdpa_attention_which_equals_eager(tmp_path, tiny_flux_dev):
