@@ -380,6 +380,30 @@ def test_blocks_to_checkpoint_is_the_fewest_that_fit():
     assert blocks_to_checkpoint(10 * 2**30, tokens, blocks) > blocks_to_checkpoint(20 * 2**30, tokens, blocks)
 
 
+def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forward(tiny_flux_dev, monkeypatch):
+    """compile_blocks: every block compiled with fullgraph, CUDA graphs (reduce-overhead) on all but
+    the recomputed ones, and a new graph step marked at each forward of the transformer (what lets
+    previews replay beside training). torch.compile itself is stubbed: the modes are what is checked."""
+    from fluxlora.models import compile_blocks
+
+    calls, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model, _ = tiny_lora_transformer(tiny_flux_dev)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    compile_blocks(model, cuda_graphs=True, checkpointed=2)
+    assert [block for block, _ in calls] == blocks
+    assert [kwargs["mode"] for _, kwargs in calls] == [None, None] + ["reduce-overhead"] * (len(blocks) - 2)
+    assert all(kwargs["fullgraph"] for _, kwargs in calls)
+    with torch.no_grad():
+        for _ in range(2):
+            tiny_forward(model, torch.Generator().manual_seed(0))
+    assert len(marks) == 2
+    calls.clear()
+    compile_blocks(tiny_lora_transformer(tiny_flux_dev)[0])
+    assert [kwargs["mode"] for _, kwargs in calls] == [None] * len(blocks)
+
+
 def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monkeypatch):
     """The first `count` blocks (double-stream first) go through torch's checkpoint, the others not;
     values and LoRA gradients as without checkpointing."""
