@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models import flux_blocks
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -126,7 +128,7 @@ def quantize_blocks(transformer: nn.Module, device: torch.device, keep_transpose
     """
     fp8_matmul = fp8_matmul_supported(device)
     count = 0
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+    for block in flux_blocks(transformer):
         if move:
             block.to(device)
         for name, module in list(block.named_modules()):

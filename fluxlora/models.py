@@ -130,6 +130,11 @@ class FlatParameters:
             param.grad = None
 
 
+def flux_blocks(transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
+    """The transformer's blocks in forward order: the double-stream ones, then the single-stream ones."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
 def blocks_to_checkpoint(free_bytes: int, tokens: int, blocks: int) -> int:
     """How many of `blocks` transformer blocks to recompute in the backward pass so that a step's
     activations fit in `free_bytes`: 0 when all fit, `blocks` when even that may not.
@@ -149,8 +154,7 @@ def checkpoint_blocks(transformer: FluxTransformer2DModel, count: int) -> None:
     """Recompute the activations of `count` of the transformer's blocks in the backward pass (the
     double-stream ones first) and keep those of the rest: checkpointing only as much as memory
     requires, through diffusers' own gradient-checkpointing hook."""
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    chosen = {id(block) for block in blocks[:count]}
+    chosen = {id(block) for block in flux_blocks(transformer)[:count]}
 
     def run(block: torch.nn.Module, *args: Any) -> Any:
         if id(block) in chosen:
@@ -172,8 +176,7 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
     # checkpoint's recomputation, graphs or not. Dynamo's default limit of 8 was hit on the tiny model
     # with recomputed blocks and previews, which fullgraph=True turns into an error.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(flux_blocks(transformer)):
         block.compile(fullgraph=True, mode="reduce-overhead" if cuda_graphs and index >= checkpointed else None)
     if cuda_graphs:
         transformer.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())

@@ -28,7 +28,7 @@ from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import (DTYPES, FlatParameters, add_lora, attention_backends, blocks_to_checkpoint, checkpoint_blocks,
-                     compile_blocks, contiguous_attention_grads, load_transformer, load_vae_and_scheduler)
+                     compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer, load_vae_and_scheduler)
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -192,7 +192,7 @@ class Trainer:
         """Recompute every block's activations with --gradient_checkpointing (or --low_memory); otherwise,
         on one GPU or under DDP, as few blocks as let the largest batch's activations fit the memory left
         once the model is on the GPU. Returns how many blocks recompute."""
-        blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        blocks = len(flux_blocks(transformer))
         if self.cfg.checkpointing:
             transformer.enable_gradient_checkpointing()
             return blocks
