@@ -357,7 +357,7 @@ def _graph_t5(pipe: Any, batch: int, tokens: int) -> None:
     from fluxlora.models import attention_backends
 
     try:
-        with torch.inference_mode(), _tf32_matmuls(t5.device), attention_backends(t5.device):
+        with torch.inference_mode(), attention_backends(t5.device, cudnn=True):
             t5.forward = _T5Graph(t5, batch, tokens)
     except RuntimeError as err:
         logger.warning("T5 runs eagerly: capturing it as a CUDA graph failed (%s)", err)
@@ -405,27 +405,6 @@ def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-@contextlib.contextmanager
-def _tf32_matmuls(device: torch.device) -> Iterator[None]:
-    """TF32 for fp32 matmuls on CUDA inside the block; the previous setting is restored after it.
-
-    transformers keeps T5's `wo` layers in fp32 (`_keep_in_fp32_modules`): without TF32 their GEMMs run
-    without tensor cores and took 45% of the text encoding on an H100. TF32 keeps fp32 accumulation, and
-    the activations entering `wo` are bf16 values, which TF32's 10-bit mantissa holds exactly (as it holds
-    weights stored in bf16).
-    """
-    if device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision  # the per-backend API: mixing it with allow_tf32 makes torch raise
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
-
-
 @dataclass
 class _HostCopy:
     """Device results on their way to the CPU: on CUDA, `tensors` are pinned buffers that a queued copy
@@ -471,7 +450,8 @@ def encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: int
     pending: _HostCopy | None = None
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
-        with _tf32_matmuls(device), attention_backends(device):
+        # cuDNN's kernel runs T5's biased attention ~10% faster than the memory-efficient one
+        with attention_backends(device, cudnn=True):
             t5, pooled, _ = pipe.encode_prompt(prompt=batch, prompt_2=None, device=device,
                                                max_sequence_length=max_sequence_length)
         submitted = _to_host(t5, pooled)

@@ -128,6 +128,26 @@ def test_t5_as_a_cuda_graph_encodes_what_eager_t5_does(tmp_path, tiny_flux_dev):
     assert not torch.equal(replayed[0][0], replayed[4][0])
 
 
+@pytest.mark.gpu
+def test_t5_on_cuda_as_precompute_runs_it_equals_transformers_eager_t5(tmp_path, tiny_flux_dev):
+    """cuDNN's attention with T5's position bias, replayed as a CUDA graph: the states of transformers'
+    own eager T5 in bf16 (as FluxPipeline loads it), to bf16 rounding."""
+    from transformers import T5EncoderModel
+
+    pipe = precompute._load_text_pipeline(make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev),
+                                          torch.device("cuda"), SHORT_L)
+    reference = T5EncoderModel.from_pretrained(tiny_flux_dev, subfolder="text_encoder_2", dtype=torch.bfloat16,
+                                               attn_implementation="eager").cuda()
+    captions = [f"caption {i}: " + "red circle " * i for i in range(7)]
+    ours = [t5 for rows in precompute.encode_captions(pipe, captions, SHORT_L, 4) for t5, _ in rows]
+    ids = pipe.tokenizer_2(captions, padding="max_length", max_length=SHORT_L, truncation=True,
+                           return_tensors="pt").input_ids.cuda()
+    with torch.inference_mode():
+        expected = reference(ids).last_hidden_state.cpu()
+    for i, row in enumerate(ours):
+        torch.testing.assert_close(row, expected[i], rtol=1.6e-2, atol=1e-2)
+
+
 def test_t5_runs_the_registered_sdpa_attention_which_equals_eager(tmp_path, tiny_flux_dev):
     cfg = make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev)
     t5 = precompute._load_text_pipeline(cfg, torch.device("cpu"), SHORT_L).text_encoder_2
@@ -148,17 +168,6 @@ def test_t5_runs_the_registered_sdpa_attention_which_equals_eager(tmp_path, tiny
         assert mine.dtype == torch.float32
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(eager[0][1], eager[1][1], atol=1e-3)  # the padding mask mattered, and was kept
-
-
-def test_tf32_only_inside_text_encoding_on_cuda():
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    with precompute._tf32_matmuls(torch.device("cpu")):
-        assert matmul.fp32_precision == before
-    with pytest.raises(KeyboardInterrupt), precompute._tf32_matmuls(torch.device("cuda")):
-        assert matmul.fp32_precision == "tf32"
-        raise KeyboardInterrupt
-    assert matmul.fp32_precision == before
 
 
 def test_latents_equal_vae_posterior_of_the_bucketed_image(built, vae):
