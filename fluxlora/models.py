@@ -98,9 +98,9 @@ class FlatParameters:
     """One tensor behind many parameters, for the optimizer and the gradient clipping.
 
     Each parameter becomes a view into `flat` (same values), so the optimizer updates all of them
-    by stepping `flat`. Backward still leaves a gradient on each parameter; `collect_grads` moves
-    them into `flat.grad` before the step. The data-parallel average, the optimizer and the clipping
-    then launch a few kernels per step instead of a few per tensor: FLUX.1's default LoRA layers have 838
+    by stepping `flat`. Backward still leaves a gradient on each parameter (DDP averages those);
+    `collect_grads` moves them into `flat.grad` before the step. The optimizer and the clipping then
+    launch a few kernels per step instead of a few per tensor: FLUX.1's default LoRA layers have 838
     tensors, and bitsandbytes' AdamW8bit spent ~40 ms of host time per step on them while the GPU
     waited. Moving the module copies each view apart: call `bind` after anything that may move it
     (accelerate's `prepare` does on CPU processes, whose device it names `cpu:0`).

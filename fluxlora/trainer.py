@@ -1,9 +1,8 @@
 """The LoRA flow-matching training loop over the embedding cache.
 
 `train(cfg)` builds everything, then the loop reads as a table of contents: step, maybe log,
-maybe checkpoint, maybe preview. Accelerate is the only distributed seam (data parallel with one
-all-reduce of the flat LoRA gradient, or FSDP2 sharding the frozen base); file writes happen on the
-main process, fenced by barriers.
+maybe checkpoint, maybe preview. Accelerate is the only distributed seam (DDP, or FSDP2 sharding
+the frozen base); file writes happen on the main process, fenced by barriers.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -50,7 +49,11 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir, "logs"))),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout)),
+                         # DDP would otherwise send rank 0's buffers to all before every forward: with
+                         # --base_model_precision fp8 those are the 12-24 GB of frozen fp8 weights.
+                         # Gradients as views of DDP's buckets: no copy back of 838 LoRA gradients per step.
+                         DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
     )
 
 
@@ -109,19 +112,11 @@ class Trainer:
         optimizer = build_optimizer(cfg, self.params)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=cfg.max_train_steps)
-        if self.fsdp:
-            self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
-            # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
+        self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(transformer, optimizer, scheduler)
+        if self.fsdp:  # FSDP replaces the parameters with sharded ones (the optimizer is remapped, our list is not)
             self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        else:
-            # Data parallel without DDP's wrapper: its reducer hooks, copies and scales each of the 838
-            # LoRA gradients one by one, 0.012-0.020 s of host time per step on 4 H200s (91% of 4x at
-            # 512 px). train_step averages the flat gradient in one all-reduce instead. Accelerate
-            # still applies mixed precision (evaluation_mode only leaves out the DDP wrapper).
-            self.transformer = acc.prepare_model(transformer, evaluation_mode=True)
-            self.optimizer, self.lr_scheduler = acc.prepare(optimizer, scheduler)
+        elif self.flat:
             self.flat.bind()  # prepare may have moved, i.e. copied, the LoRA weights out of the flat tensor
-            broadcast(self.flat.flat.data)  # every process starts from the main process's LoRA, as under DDP
         register_lora_hooks(acc, self.transformer)
 
         self.step, self.position = 0, 0
@@ -159,6 +154,11 @@ class Trainer:
             transformer.to(self.device)
         self.checkpointed_blocks = self.checkpoint_as_memory_requires(transformer, params)
         flat = None if self.fsdp else FlatParameters(params)
+        # Under DDP, Dynamo would split each compiled block's graph at DDP's bucket boundaries (its
+        # "DDPOptimizer", made for compiling the whole wrapped model). The blocks are compiled one by one,
+        # so DDP's all-reduces already start as each block's backward ends; on 4 H200s the splits made
+        # the 512 px step 0.57 s instead of 0.15 s, and with --cuda_graphs it hung while recording them.
+        torch._dynamo.config.optimize_ddp = False
         if cfg.compile and self.device.type == "cuda":
             compile_blocks(transformer, cuda_graphs=self.cuda_graphs, checkpointed=self.checkpointed_blocks)
         return transformer, flat
@@ -190,7 +190,7 @@ class Trainer:
 
     def checkpoint_as_memory_requires(self, transformer: torch.nn.Module, params: list[torch.nn.Parameter]) -> int:
         """Recompute every block's activations with --gradient_checkpointing (or --low_memory); otherwise,
-        on one GPU or data-parallel, as few blocks as let the largest batch's activations fit the memory left
+        on one GPU or under DDP, as few blocks as let the largest batch's activations fit the memory left
         once the model is on the GPU. Returns how many blocks recompute."""
         blocks = len(flux_blocks(transformer))
         if self.cfg.checkpointing:
@@ -199,7 +199,7 @@ class Trainer:
         if self.device.type != "cuda" or self.fsdp:  # FSDP has not sharded the base yet: memory unknown here
             return 0
         free, _ = torch.cuda.mem_get_info(self.device)
-        # kept back: the optimizer's state and the gradients, flat and averaged (~16 bytes per LoRA value),
+        # kept back: the optimizer's state, gradients and DDP's buckets (<= 16 bytes per LoRA value),
         # allocator slack, workspaces and the previews' VAE decode. Not a share of the card's total: on
         # an H200 acting as a 40 GiB card, 5% of 141 GiB left 13 GiB unused (27 GiB peak, 51 blocks).
         reserve = 2 * 2**30 + free // 20 + 16 * sum(p.numel() for p in params)
@@ -222,8 +222,6 @@ class Trainer:
                 if acc.sync_gradients:
                     if self.flat:
                         self.flat.collect_grads()
-                        if acc.num_processes > 1:  # the data-parallel average, one all-reduce (see __init__)
-                            self.flat.flat.grad = acc.reduce(self.flat.flat.grad, reduction="mean")
                     # the norm of the all-reduced gradients: every process takes the same decision
                     grad_norm = full_tensor(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")))
                     window.grad_norm = grad_norm

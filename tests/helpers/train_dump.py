@@ -30,9 +30,10 @@ def main() -> None:
     dump = Path(ours.dump_dir)
     dump.mkdir(parents=True, exist_ok=True)
     save_file(state, dump / f"rank-{trainer.accelerator.process_index}.safetensors")
-    # what accelerate made of the model, for the test to check
+    model = trainer.transformer  # DDP's settings, for the test to check
     (dump / f"rank-{trainer.accelerator.process_index}.json").write_text(json.dumps(
-        {"wrapper": type(trainer.transformer).__name__}))
+        {"wrapper": type(model).__name__, "broadcast_buffers": getattr(model, "broadcast_buffers", None),
+         "gradient_as_bucket_view": getattr(model, "gradient_as_bucket_view", None)}))
 
 
 if __name__ == "__main__":
