@@ -49,16 +49,19 @@ def make_dataset(folder: Path, count: int, res: int) -> Path:
     return folder
 
 
-def timed_loads(record: dict) -> None:
-    """Count model loading apart from encoding inside precompute.run."""
-    for name in ("_load_text_pipeline", "_load_vae"):
+def timed_phases(record: dict) -> None:
+    """Inside precompute.run, count model loading apart from encoding (`load_s`), and time the text
+    and image phases, which run concurrently (`text_s`, `images_s`: each from its start to its end)."""
+    for name, key in (("_load_text_pipeline", "load_s"), ("_load_vae", "load_s"), ("_text_phase", "text_s"),
+                      ("_image_phase", "images_s")):
         real = getattr(precompute, name)
 
-        def wrapper(*args, _real=real, **kwargs):
+        def wrapper(*args, _real=real, _key=key, **kwargs):
             start = time.perf_counter()
             out = _real(*args, **kwargs)
-            torch.cuda.synchronize()
-            record["load_s"] += time.perf_counter() - start
+            if _key == "load_s":  # the phases wait for their own results; a sync here would wait for the other's
+                torch.cuda.synchronize()
+            record[_key] = record.get(_key, 0.0) + time.perf_counter() - start
             return out
 
         setattr(precompute, name, wrapper)
@@ -66,7 +69,7 @@ def timed_loads(record: dict) -> None:
 
 def bench_fluxlora(model: Path, data: Path, out: Path, res: int, images: int) -> dict:
     record = {"load_s": 0.0}
-    timed_loads(record)
+    timed_phases(record)
     cfg = PrecomputeConfig(dataset=str(data), embeddings_dir=str(out), pretrained_model_name_or_path=str(model),
                            resolutions=[res])
     cfg.validate()
@@ -76,6 +79,7 @@ def bench_fluxlora(model: Path, data: Path, out: Path, res: int, images: int) ->
     total = time.perf_counter() - start
     encode = total - record["load_s"]
     return dict(impl="fluxlora", images=images, res=res, total_s=round(total, 2), load_s=round(record["load_s"], 2),
+                text_s=round(record.get("text_s", 0.0), 2), images_s=round(record.get("images_s", 0.0), 2),
                 img_per_s=round(images / encode, 2), img_per_s_end_to_end=round(images / total, 2))
 
 
