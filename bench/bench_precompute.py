@@ -52,14 +52,16 @@ def make_dataset(folder: Path, count: int, res: int) -> Path:
 def timed_phases(record: dict) -> None:
     """Inside precompute.run, count model loading apart from encoding (`load_s`), and time the text
     and image phases, which run concurrently (`text_s`, `images_s`: each from its start to its end)."""
-    for name, key in (("_load_text_pipeline", "load_s"), ("_load_vae", "load_s"), ("_text_phase", "text_s"),
-                      ("_image_phase", "images_s")):
+    # (function, record key, synchronize after it): the loads queue uploads; the phases wait for their own
+    # results, and a device-wide sync would wait for the other phase's work too
+    for name, key, sync in (("_load_text_pipeline", "load_s", True), ("_load_vae", "load_s", True),
+                            ("_text_phase", "text_s", False), ("_image_phase", "images_s", False)):
         real = getattr(precompute, name)
 
-        def wrapper(*args, _real=real, _key=key, **kwargs):
+        def wrapper(*args, _real=real, _key=key, _sync=sync, **kwargs):
             start = time.perf_counter()
             out = _real(*args, **kwargs)
-            if _key == "load_s":  # the phases wait for their own results; a sync here would wait for the other's
+            if _sync:
                 torch.cuda.synchronize()
             record[_key] = record.get(_key, 0.0) + time.perf_counter() - start
             return out
