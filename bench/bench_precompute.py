@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--workdir", default="/tmp/bench-precompute")
+    ap.add_argument("--no_naive", action="store_true", help="skip the naive loop (an A/B of fluxlora variants)")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)  # a cache left by an earlier run would be reused, not timed
@@ -119,8 +120,9 @@ def main() -> None:
     torch.cuda.empty_cache()
     data = make_dataset(work / "data", args.images, args.res)
     card = torch.cuda.get_device_name()
-    print(json.dumps({**bench_naive(model, data, args.res, args.images), "card": card}), flush=True)
-    torch.cuda.empty_cache()
+    if not args.no_naive:
+        print(json.dumps({**bench_naive(model, data, args.res, args.images), "card": card}), flush=True)
+        torch.cuda.empty_cache()
     print(json.dumps({**bench_fluxlora(model, data, work / "cache", args.res, args.images), "card": card}),
           flush=True)
 

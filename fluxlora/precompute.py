@@ -52,6 +52,7 @@ from fluxlora.cache import (
 )
 from fluxlora.config import MAX_SEQUENCE_LENGTH, ConfigError, PrecomputeConfig
 from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
+from fluxlora.vae import fuse_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +392,8 @@ def _load_vae(cfg: PrecomputeConfig, device: torch.device) -> Any:
     except (OSError, ValueError) as err:
         raise ConfigError("pretrained_model_name_or_path", f"cannot load the VAE of "
                                                            f"{cfg.pretrained_model_name_or_path}: {err}") from err
+    if device.type == "cuda":
+        fuse_encoder(vae, compile=True)
     return vae.to(device).eval()
 
 
