@@ -115,8 +115,13 @@ def main() -> None:
     ap.add_argument("--no_naive", action="store_true", help="skip the naive loop (an A/B of fluxlora variants)")
     args = ap.parse_args()
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)  # a cache left by an earlier run would be reused, not timed
-    model = save_without_transformer(work / "flux-random")
+    for stale in ("cache", "data"):  # a cache left by an earlier run would be reused, not timed
+        shutil.rmtree(work / stale, ignore_errors=True)
+    model = work / "flux-random"
+    if not (model / "complete").exists():  # the random model (~10 GB) is reused by later runs
+        shutil.rmtree(model, ignore_errors=True)
+        save_without_transformer(model)
+        (model / "complete").touch()
     torch.cuda.empty_cache()
     data = make_dataset(work / "data", args.images, args.res)
     card = torch.cuda.get_device_name()

@@ -23,7 +23,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from fluxlora.cache import (
 )
 from fluxlora.config import MAX_SEQUENCE_LENGTH, ConfigError, PrecomputeConfig
 from fluxlora.data import RawSample, SkipSample, build_caption, caption_id, iter_samples, load_image, sample_id
-from fluxlora.vae import fuse_encoder
+from fluxlora.vae import use_fp32_score_attention
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,36 @@ def _write_shard(out_dir: Path, shard: str, tensors: dict[str, torch.Tensor], in
     write_atomic(out_dir / index_name(shard), json.dumps(index, indent=1, sort_keys=True).encode())
 
 
+class _ShardWriter:
+    """Writes a phase's shards on a thread of its own (serialising, hashing and fsyncing 256 MB of T5
+    states takes about a second), so that the phase encodes its next shard meanwhile. One write at a time:
+    `write` first waits for the one before, so at most two shards are in memory, and a failed write
+    raises at the next `write` or at `close`."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: Future[None] | None = None
+
+    def write(self, shard: str, tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(_write_shard, self.out_dir, shard, tensors, index)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
 def _compute_dtype(device: torch.device) -> torch.dtype:
     # bf16 halves memory and is what FLUX runs in; the CPU keeps fp32 (bf16 matmuls there are slow).
     return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -392,8 +422,8 @@ def _load_vae(cfg: PrecomputeConfig, device: torch.device) -> Any:
     except (OSError, ValueError) as err:
         raise ConfigError("pretrained_model_name_or_path", f"cannot load the VAE of "
                                                            f"{cfg.pretrained_model_name_or_path}: {err}") from err
-    if device.type == "cuda":
-        fuse_encoder(vae, compile=True)
+    if device.type == "cuda":  # CUDA only: the CPU has no bf16 x bf16 -> fp32 bmm
+        use_fp32_score_attention(vae)
     return vae.to(device).eval()
 
 
@@ -732,10 +762,10 @@ def _text_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_TextS
     written = []
     with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
         with tqdm(total=sum(len(s.captions) for s in shards), unit="caption", desc="T5+CLIP",
-                  disable=not show) as progress:
+                  disable=not show) as progress, _ShardWriter(out_dir) as writer:
             for shard in shards:
                 tensors, index = _encode_text_shard(pipe, shard, cfg, max_sequence_length, progress)
-                _write_shard(out_dir, shard.name, tensors, index)
+                writer.write(shard.name, tensors, index)
                 written.append(shard.name)
         del pipe
         _free(device)
@@ -749,10 +779,10 @@ def _image_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_Imag
         return []
     written = []
     with tqdm(total=sum(len(s.samples) for s in shards), unit="img", desc="VAE", disable=not show,
-              position=bar_position) as progress:
+              position=bar_position) as progress, _ShardWriter(out_dir) as writer:
         for shard in shards:
             tensors, index = _encode_image_shard(vae, shard, _plan_image_shard(shard), cfg, resolutions, progress)
-            _write_shard(out_dir, shard.name, tensors, index)
+            writer.write(shard.name, tensors, index)
             written.append(shard.name)
     del vae
     _free(device)

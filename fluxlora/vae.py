@@ -1,50 +1,18 @@
-"""The VAE encoder as precompute runs it on a GPU: diffusers' AutoencoderKL, with two of its kernels replaced.
+"""The VAE encoder as precompute runs it on a GPU: diffusers' AutoencoderKL with the mid-block attention as
+two GEMMs per image.
 
-In eager mode most of the encoder's time is memory traffic, not arithmetic (kernel profile, 1024 px,
-bf16, bench/RESULTS.md session 6): GroupNorm 19%, a separate SiLU after each GroupNorm, a separate bias
-add after each convolution 15%, and the mid-block's single-head attention (head size 512, which only
-SDPA's memory-efficient kernel accepts, at ~120 TFLOP/s) 15%. Compiling the whole encoder fuses all of
-it but costs ~24 s per bucket shape. Here:
-- each GroupNorm that a SiLU follows becomes one compiled GroupNorm+SiLU (one compile with dynamic
-  shapes serves every bucket); where a convolution feeds it directly, the convolution's bias is added
-  inside it instead of in a kernel of its own;
-- the mid-block attention computes its scores as one fp32 GEMM per image, softmax in place, and the
-  values as a bf16 GEMM, instead of the memory-efficient kernel.
-Both compute what diffusers computes, to bf16 rounding.
+FLUX's VAE attends once, in the mid-block, over every latent position (16,384 tokens at 1024 px) with a
+single head of size 512. Only SDPA's memory-efficient kernel accepts that head size, at ~120 TFLOP/s:
+4.6 ms per image on an H100. An fp32 GEMM for the scores, softmax in place and a bf16 GEMM for the values
+take ~2.9 ms, to the same error against an fp32 encoder (bench/RESULTS.md, session 7). The rest of the
+encoder stays as diffusers runs it: a GroupNorm+SiLU fused by torch.compile ran no faster (session 7), and
+compiling the whole encoder costs ~24 s per bucket shape (session 5).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-def group_norm_silu(x: torch.Tensor, in_bias: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                    groups: int, eps: float) -> torch.Tensor:
-    """SiLU(GroupNorm(x + in_bias)).
-
-    Args:
-        x: [B, C, H, W].
-        in_bias: [C] or None: the bias of the convolution that produced x.
-        weight, bias: [C], the GroupNorm's affine parameters.
-    """
-    if in_bias is not None:
-        x = x + in_bias.view(-1, 1, 1)
-    return F.silu(F.group_norm(x, groups, weight, bias, eps))
-
-
-class GroupNormSiLU(nn.Module):
-    """A GroupNorm, the SiLU after it, and optionally the bias of the convolution before it, as one call of
-    `fn` (group_norm_silu, or its compiled form). Keeps the GroupNorm's parameters under `norm`."""
-
-    def __init__(self, norm: nn.GroupNorm, in_bias: nn.Parameter | None, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.norm, self.in_bias, self.fn = norm, in_bias, fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.in_bias, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps)
 
 
 class FP32ScoresAttnProcessor:
@@ -77,26 +45,9 @@ class FP32ScoresAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def fuse_encoder(vae: Any, compile: bool) -> None:
-    """Replace, in place, `vae.encoder`'s GroupNorm+SiLU pairs by GroupNormSiLU and its mid-block attention's
-    processor by FP32ScoresAttnProcessor. `compile`: run group_norm_silu compiled (CUDA); else eager, which
-    only moves the work (for tests on the CPU). The decoder is left as it is."""
-    fn = torch.compile(group_norm_silu, dynamic=True) if compile else group_norm_silu
-    encoder = vae.encoder
-    resnets = [r for block in encoder.down_blocks for r in block.resnets] + list(encoder.mid_block.resnets)
-    for resnet in resnets:
-        plain = (isinstance(resnet.nonlinearity, nn.SiLU) and resnet.time_emb_proj is None
-                 and resnet.upsample is None and resnet.downsample is None)
-        if not plain:  # another layout than FLUX's VAE: leave it to diffusers
-            continue
-        resnet.norm1 = GroupNormSiLU(resnet.norm1, None, fn)
-        # conv1 feeds norm2 directly (no time embedding): its bias moves into the fused kernel
-        resnet.norm2 = GroupNormSiLU(resnet.norm2, resnet.conv1.bias, fn)
-        resnet.conv1.bias = None
-        resnet.nonlinearity = nn.Identity()
-    if isinstance(encoder.conv_act, nn.SiLU):
-        encoder.conv_norm_out = GroupNormSiLU(encoder.conv_norm_out, None, fn)
-        encoder.conv_act = nn.Identity()
-    for attn in encoder.mid_block.attentions:
+def use_fp32_score_attention(vae: Any) -> None:
+    """Give the single-head attentions of `vae.encoder`'s mid-block an FP32ScoresAttnProcessor (in place).
+    The decoder keeps diffusers' processors."""
+    for attn in vae.encoder.mid_block.attentions:
         if attn is not None and attn.heads == 1:
             attn.set_processor(FP32ScoresAttnProcessor())
