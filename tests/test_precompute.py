@@ -219,6 +219,72 @@ def test_each_vae_batch_is_stored_after_the_next_is_submitted(tmp_path, tiny_flu
     assert len(EmbeddingCache(tmp_path / "cache").entries) == 4
 
 
+def test_fp32_score_attention_equals_diffusers_vae_attention(tmp_path, tiny_flux_dev):
+    """The VAE encoder as precompute runs it on CUDA (mid-block attention as two GEMMs per image) computes
+    what diffusers' AttnProcessor2_0 does: in fp32 on the CPU, to fp32 rounding."""
+    from diffusers import AutoencoderKL
+
+    from fluxlora.vae import FP32ScoresAttnProcessor, use_fp32_score_attention
+
+    stock = AutoencoderKL.from_pretrained(tiny_flux_dev, subfolder="vae").eval()
+    ours = AutoencoderKL.from_pretrained(tiny_flux_dev, subfolder="vae").eval()
+    use_fp32_score_attention(ours)
+    assert [type(a.processor) for a in ours.encoder.mid_block.attentions] == [FP32ScoresAttnProcessor]
+    assert type(ours.decoder.mid_block.attentions[0].processor) is type(stock.decoder.mid_block.attentions[0].processor)
+    pixels = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 2 images, 96 tokens
+    with torch.inference_mode():
+        expected, got = stock.encode(pixels).latent_dist, ours.encode(pixels).latent_dist
+    torch.testing.assert_close(got.mean, expected.mean)
+    torch.testing.assert_close(got.std, expected.std)
+    on_cpu = precompute._load_vae(make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev), torch.device("cpu"))
+    assert not isinstance(on_cpu.encoder.mid_block.attentions[0].processor, FP32ScoresAttnProcessor)  # CUDA only
+
+
+@pytest.mark.gpu
+def test_vae_as_precompute_loads_it_on_cuda_is_as_close_to_fp32_as_diffusers_bf16_vae(tmp_path, tiny_flux_dev):
+    from diffusers import AutoencoderKL
+
+    ours = precompute._load_vae(make_cfg(tmp_path, tmp_path / "cache", tiny_flux_dev), torch.device("cuda"))
+    stock = AutoencoderKL.from_pretrained(tiny_flux_dev, subfolder="vae", dtype=torch.bfloat16).cuda().eval()
+    exact = AutoencoderKL.from_pretrained(tiny_flux_dev, subfolder="vae").cuda().eval()
+    pixels = torch.randint(0, 256, (3, 3, 128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = [t.float() for t in precompute.encode_images(ours, pixels).rows()[0]]  # the first image's mean, std
+    with torch.inference_mode():
+        ref = exact.encode(buckets.normalize_pixels(pixels.cuda())).latent_dist
+        base = stock.encode(buckets.normalize_pixels(pixels.cuda(), torch.bfloat16)).latent_dist
+    for ours_t, stock_t, ref_t in ((got[0], base.mean[0], ref.mean[0]), (got[1], base.std[0], ref.std[0])):
+        ours_err = (ours_t - ref_t.cpu()).abs()
+        stock_err = (stock_t.float().cpu() - ref_t.cpu()).abs()
+        assert ours_err.mean() <= 1.5 * stock_err.mean() + 1e-4
+        assert ours_err.max() <= 1.5 * stock_err.max() + 1e-3
+
+
+def test_shards_are_written_off_the_encoding_threads_and_a_failed_write_fails_the_run(
+        tmp_path, tiny_flux_dev, demo_dir, accelerator, monkeypatch):
+    data = copy_images(demo_dir, tmp_path / "data", 4)
+    write = precompute._write_shard
+    threads = []
+
+    def spy_write(out_dir, shard, tensors, index):
+        threads.append(threading.current_thread().name)
+        return write(out_dir, shard, tensors, index)
+
+    monkeypatch.setattr(precompute, "_write_shard", spy_write)
+    cfg = make_cfg(data, tmp_path / "cache", tiny_flux_dev, resolutions=[64], max_sequence_length=SHORT_L,
+                   shard_size=2)
+    written = precompute.run(cfg, accelerator).written
+    assert len(threads) == len(written) == 2 + 3 and all(name.startswith("shard-writer") for name in threads)
+
+    def failing_write(out_dir, shard, tensors, index):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(precompute, "_write_shard", failing_write)
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(OSError, match="No space left"):
+        precompute.run(cfg, accelerator)
+    assert not (tmp_path / "cache" / MANIFEST_NAME).exists()
+
+
 def test_every_entry_has_its_own_images_caption(built):
     _, _, cache = built
     entries = list(cache.entries)
