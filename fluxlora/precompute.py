@@ -57,6 +57,7 @@ from fluxlora.vae import use_fp32_score_attention
 logger = logging.getLogger(__name__)
 
 OXEN_PREFIX = "oxen:"
+FLUX_PIPELINE_LOGGER = "diffusers.pipelines.flux.pipeline_flux"  # where encode_prompt warns of truncation
 T5_ATTENTION = "fluxlora_t5"  # the attn_implementation name of _t5_attention in transformers' registry
 PREPARE_THREADS = min(8, os.cpu_count() or 1)  # image decoding and resizing beside the VAE
 _SHARD_FILE = re.compile(r"^(text|images)-\d{5}-[0-9a-f]{12}(\.safetensors|\.json)$")
@@ -750,6 +751,43 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> int:
     return removed
 
 
+class _QuietTruncation(logging.Filter):
+    """Drops FluxPipeline's truncation warnings: one per batch, quoting the cut-off text of every caption in
+    it, padding included. The text phase reports counts once instead (truncation_report)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was truncated because" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_truncation_warnings() -> Iterator[None]:
+    """Meanwhile, FluxPipeline's truncation warnings are dropped (_QuietTruncation)."""
+    flux_logger, quiet = logging.getLogger(FLUX_PIPELINE_LOGGER), _QuietTruncation()
+    flux_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flux_logger.removeFilter(quiet)
+
+
+def truncation_report(pipe: Any, captions: Sequence[str], max_sequence_length: int) -> list[str]:
+    """Lines on the captions that FluxPipeline.encode_prompt cuts: at CLIP's 77 tokens (expected for long
+    captions: only CLIP's pooled embedding is cut) and at max_sequence_length T5 tokens (the end of the
+    caption is lost)."""
+    lines, total = [], len(captions)
+    clip = sum(len(ids) > pipe.tokenizer_max_length for ids in pipe.tokenizer(list(captions), verbose=False).input_ids)
+    t5 = sum(len(ids) > max_sequence_length for ids in pipe.tokenizer_2(list(captions), verbose=False).input_ids)
+    if clip:
+        lines.append(f"{clip} of {total} captions are longer than CLIP's {pipe.tokenizer_max_length} tokens: "
+                     f"CLIP's pooled embedding sees their start, as FluxPipeline's does (T5 reads up to "
+                     f"{max_sequence_length} tokens)")
+    if t5:
+        lines.append(f"{t5} of {total} captions are longer than --max_sequence_length {max_sequence_length} T5 "
+                     f"tokens and were cut there, as FluxPipeline cuts them: shorten them, or raise "
+                     f"--max_sequence_length (FLUX.1-dev takes up to 512)")
+    return lines
+
+
 def _text_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_TextShard], out_dir: Path,
                 max_sequence_length: int, show: bool, pipe: Any, separate_stream: bool = False) -> list[str]:
     """Encode and write the text shards with `pipe` (then freed); their names. `separate_stream`: on
@@ -760,13 +798,15 @@ def _text_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_TextS
     if stream:
         stream.wait_stream(torch.cuda.current_stream(device))  # the weights' upload
     written = []
-    with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+    with _quiet_truncation_warnings(), torch.cuda.stream(stream) if stream else contextlib.nullcontext():
         with tqdm(total=sum(len(s.captions) for s in shards), unit="caption", desc="T5+CLIP",
                   disable=not show) as progress, _ShardWriter(out_dir) as writer:
             for shard in shards:
                 tensors, index = _encode_text_shard(pipe, shard, cfg, max_sequence_length, progress)
                 writer.write(shard.name, tensors, index)
                 written.append(shard.name)
+        for line in truncation_report(pipe, [c for s in shards for c in s.captions.values()], max_sequence_length):
+            logger.warning(line)
         del pipe
         _free(device)
     return written

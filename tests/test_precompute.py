@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import random
 import shutil
@@ -283,6 +284,33 @@ def test_shards_are_written_off_the_encoding_threads_and_a_failed_write_fails_th
     with pytest.raises(OSError, match="No space left"):
         precompute.run(cfg, accelerator)
     assert not (tmp_path / "cache" / MANIFEST_NAME).exists()
+
+
+def test_truncated_captions_are_counted_once_not_quoted_per_batch(tmp_path, tiny_flux_dev, demo_dir, accelerator,
+                                                                  caplog):
+    """FluxPipeline warns once per batch, quoting every caption's cut-off text (padding included); precompute
+    drops those warnings and says how many captions CLIP and T5 cut, naming the flag for T5."""
+    data = copy_images(demo_dir, tmp_path / "data", 3)
+    long_caption = "a red circle on a blue square " * 20  # 140 words: past CLIP's 77 tokens and T5's 64
+    next(data.glob("*.txt")).write_text(long_caption)
+    cfg = make_cfg(data, tmp_path / "cache", tiny_flux_dev, resolutions=[64], max_sequence_length=64,
+                   text_batch_size=2)
+    flux_logger = logging.getLogger(precompute.FLUX_PIPELINE_LOGGER)
+    passed = []  # what gets past the logger's filters (diffusers' handlers do not propagate to caplog)
+    handler = logging.Handler()
+    handler.emit = passed.append
+    flux_logger.addHandler(handler)
+    try:
+        precompute.run(cfg, accelerator)
+    finally:
+        flux_logger.removeHandler(handler)
+    assert not [r for r in passed if "was truncated because" in r.getMessage()]
+    total = 3 + 1  # the captions and "" (no validation prompts)
+    ours = [r.getMessage() for r in caplog.records if r.name == precompute.__name__]
+    assert [m.split(":")[0] for m in ours] == [f"1 of {total} captions are longer than CLIP's 77 tokens",
+                                               f"1 of {total} captions are longer than --max_sequence_length 64 "
+                                               f"T5 tokens and were cut there, as FluxPipeline cuts them"]
+    assert not [f for f in flux_logger.filters if isinstance(f, precompute._QuietTruncation)]  # text phase only
 
 
 def test_every_entry_has_its_own_images_caption(built):
