@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -588,9 +588,10 @@ def _prepare(sample: _Sample, item: _ImageData, shard_name_: str, cfg: Precomput
          f"upscaling to {b[0]}x{b[1]} (> --max_upscale {cfg.max_upscale:g})"} for res, b, factor in needed])
 
 
-def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cfg: PrecomputeConfig,
-                        resolutions: list[int], progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Decode, bucket, (flip,) and VAE-encode one image shard; returns its tensors and index."""
+def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], prepared: Iterable[_Prepared],
+                        batch_size: int, progress: tqdm) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """VAE-encode one image shard from its samples' `data` and `prepared` images (both in the shard's
+    order); returns its tensors and index."""
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict[str, Any]] = []
     skips: list[dict[str, str]] = []
@@ -614,26 +615,23 @@ def _encode_image_shard(vae: Any, shard: _ImageShard, data: list[_ImageData], cf
             store(*submitted)
         submitted = ([key for key, _ in items], batch)
 
-    with ThreadPoolExecutor(max_workers=PREPARE_THREADS) as pool:
-        # map keeps the listing order, so the shard's contents do not depend on thread timing
-        prepared = pool.map(lambda pair: _prepare(*pair, shard.name, cfg, resolutions), zip(shard.samples, data))
-        for sample, item, ready in zip(shard.samples, data, prepared):
-            progress.update(1)
-            source, sid = sample.raw.source, item.sample_id
-            if ready.skip is not None:
-                skips.append({"source": source, "reason": ready.skip})
-                continue
-            if sid in first_source:
-                skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and "
-                                                          f"caption)"})
-                continue
-            first_source[sid] = source
-            resolution_skips += ready.resolution_skips or []
-            for entry, key, bucket, pixels in ready.crops:
-                entries.append(entry)
-                queues[bucket].append((key, pixels))
-                if len(queues[bucket]) >= cfg.vae_batch_size:
-                    flush(bucket)
+    for sample, item, ready in zip(shard.samples, data, prepared):
+        progress.update(1)
+        source, sid = sample.raw.source, item.sample_id
+        if ready.skip is not None:
+            skips.append({"source": source, "reason": ready.skip})
+            continue
+        if sid in first_source:
+            skips.append({"source": source, "reason": f"duplicate of {first_source[sid]} (same image and "
+                                                      f"caption)"})
+            continue
+        first_source[sid] = source
+        resolution_skips += ready.resolution_skips or []
+        for entry, key, bucket, pixels in ready.crops:
+            entries.append(entry)
+            queues[bucket].append((key, pixels))
+            if len(queues[bucket]) >= batch_size:
+                flush(bucket)
     for size in sorted(queues):
         flush(size)
     if submitted is not None:
@@ -818,10 +816,26 @@ def _image_phase(cfg: PrecomputeConfig, device: torch.device, shards: list[_Imag
     if not shards:
         return []
     written = []
-    with tqdm(total=sum(len(s.samples) for s in shards), unit="img", desc="VAE", disable=not show,
-              position=bar_position) as progress, _ShardWriter(out_dir) as writer:
-        for shard in shards:
-            tensors, index = _encode_image_shard(vae, shard, _plan_image_shard(shard), cfg, resolutions, progress)
+    with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="decode") as pool, \
+            tqdm(total=sum(len(s.samples) for s in shards), unit="img", desc="VAE", disable=not show,
+                 position=bar_position) as progress, _ShardWriter(out_dir) as writer:
+
+        def decode(shard: _ImageShard) -> tuple[list[_ImageData], list[Future[_Prepared]]]:
+            """Read the shard's bytes and queue its images for decoding, after any queued before."""
+            data = _plan_image_shard(shard)
+            return data, [pool.submit(_prepare, sample, item, shard.name, cfg, resolutions)
+                          for sample, item in zip(shard.samples, data)]
+
+        ahead = decode(shards[0])
+        for k, shard in enumerate(shards):
+            data, futures = ahead
+            # The next shard decodes behind this one (two shards' images in memory at most), so the VAE
+            # does not wait at a shard's start for its first full bucket.
+            if k + 1 < len(shards):
+                ahead = decode(shards[k + 1])
+            # Taken in the listing's order, so the shard's contents do not depend on thread timing.
+            prepared = (future.result() for future in futures)
+            tensors, index = _encode_image_shard(vae, shard, data, prepared, cfg.vae_batch_size, progress)
             writer.write(shard.name, tensors, index)
             written.append(shard.name)
     del vae

@@ -313,6 +313,30 @@ def test_truncated_captions_are_counted_once_not_quoted_per_batch(tmp_path, tiny
     assert not [f for f in flux_logger.filters if isinstance(f, precompute._QuietTruncation)]  # text phase only
 
 
+def test_the_next_shard_is_queued_for_decoding_before_this_one_is_encoded(tmp_path, tiny_flux_dev, demo_dir,
+                                                                           accelerator, monkeypatch):
+    data = copy_images(demo_dir, tmp_path / "data", 4)
+    plan, encode = precompute._plan_image_shard, precompute.encode_images
+    events = []
+
+    def spy_plan(shard):
+        events.append(f"plan {shard.index}")
+        return plan(shard)
+
+    def spy_encode(vae, pixels):
+        events.append("submit")
+        return encode(vae, pixels)
+
+    monkeypatch.setattr(precompute, "_plan_image_shard", spy_plan)
+    monkeypatch.setattr(precompute, "encode_images", spy_encode)
+    cfg = make_cfg(data, tmp_path / "cache", tiny_flux_dev, resolutions=[64], max_sequence_length=SHORT_L,
+                   shard_size=2, vae_batch_size=1)
+    precompute.run(cfg, accelerator)
+    # run() plans every shard first; the image phase then reads shard 1's bytes and queues its images
+    # for decoding before it submits shard 0's first image to the VAE
+    assert events == ["plan 0", "plan 1", "plan 0", "plan 1"] + ["submit"] * 4
+
+
 def test_every_entry_has_its_own_images_caption(built):
     _, _, cache = built
     entries = list(cache.entries)
