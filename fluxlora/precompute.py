@@ -266,7 +266,7 @@ class _ShardWriter:
     """Writes a phase's shards on a thread of its own (serialising, hashing and fsyncing 256 MB of T5
     states takes about a second), so that the phase encodes its next shard meanwhile. One write at a time:
     `write` first waits for the one before, so at most two shards are in memory, and a failed write
-    raises at the next `write` or at `close`."""
+    raises at the next `write` or where the `with` block ends."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
