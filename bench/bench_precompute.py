@@ -5,7 +5,8 @@ beside the naive loop (one `encode_prompt` and one `vae.encode` per image), in o
 
 Images are synthetic JPEGs of varied sizes and aspect ratios with distinct captions. Prints one
 JSON line per implementation: images/s of the encoding phase (model loading excluded, reported
-apart), and for fluxlora also end to end.
+apart), and for fluxlora also end to end. The random model is written to --workdir once and reused by
+later runs; `--no_naive` times fluxlora alone (for A/B runs of its variants).
 """
 from __future__ import annotations
 
