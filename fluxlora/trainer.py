@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, MutableMapping
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -39,29 +38,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the held-out loss
 
 
-# NCCL's CTAs for DDP on one node. DDP reduces each bucket while the backward goes on, and NCCL's
-# kernels (up to 16-32 CTAs, one an SM, most of the time waiting for the other ranks' buckets) take SMs
-# from the backward's kernels. 4 CTAs carry the LoRA's 262 MB of gradients over NVLink well within the
-# backward. 4 H100s, 512 px batch 4: 0.447 s per step by default, 0.436 s with 4 (one GPU: 0.425 s).
-# Not across nodes (the network wants more channels) nor for FSDP (its all-gathers wait for NCCL).
-DDP_NCCL_MAX_CTAS = "4"
-
-
-def limit_nccl_ctas(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Set NCCL_MAX_CTAS for a DDP run of `accelerate launch` on one node, unless the user set it (or the
-    older NCCL_MAX_NCHANNELS). Must run before the first collective creates NCCL's communicator.
-    Returns whether it was set."""
-    world = environ.get("WORLD_SIZE")
-    one_node = world is not None and int(world) > 1 and environ.get("LOCAL_WORLD_SIZE") == world
-    sharded = any(environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
-    if not one_node or sharded or "NCCL_MAX_CTAS" in environ or "NCCL_MAX_NCHANNELS" in environ:
-        return False
-    environ["NCCL_MAX_CTAS"] = DDP_NCCL_MAX_CTAS
-    return True
-
-
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    limit_nccl_ctas()
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU processes of `accelerate launch` then join one gloo group
