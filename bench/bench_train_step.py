@@ -120,13 +120,18 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
     torch.cuda.synchronize()
     whole_run_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    # step boundaries as events on the GPU's stream: per-step times without a host sync between steps
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     with trainer_mod.scheduled_garbage_collection(cfg.gc_steps > 0):  # as Trainer.run does
         start = time.perf_counter()
-        for _ in range(steps):
+        marks[0].record()
+        for mark in marks[1:]:
             trainer.train_step(batches, window)
             trainer.maybe_collect_garbage()
+            mark.record()
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / steps
+    step_s = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
     loss = window.flush(acc)["loss"]
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
@@ -134,6 +139,9 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
                cuda_graphs=trainer.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
                checkpointed_blocks=trainer.checkpointed_blocks,
                base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
+               # per step (under DDP each step waits for the slowest process): the spread between runs of
+               # 12 steps was as large as the effects measured (bench/RESULTS.md, session 8)
+               step_s_median=round(step_s[len(step_s) // 2], 4), step_s_max=round(step_s[-1], 4),
                img_per_s=round(batch * acc.num_processes / sec, 3),
                # the trainer's own memory: over the whole run (loading, compiling, recording graphs), and
                # over the timed steps
