@@ -245,7 +245,8 @@ def test_previews_and_sample_grid(demo_cache, tiny_flux_dev, tmp_path):
 
 def test_held_out_loss_is_logged_and_its_images_never_trained(demo_cache, tiny_flux_dev, tmp_path):
     cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", max_train_steps=6, checkpointing_steps=6,
-                   optimizer="adamw", holdout_images=2, validation_steps=3)
+                   optimizer="adamw", holdout_images=2, validation_steps=3, validation_width=64,
+                   validation_height=64, validation_inference_steps=2)  # small previews: the loss is the subject
     trainer = Trainer(cfg)
     held = {e.sample_id for e in trainer.holdout}
     assert len(held) == 2 and not held & {e.sample_id for e in trainer.stream.entries}
