@@ -182,6 +182,28 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
         transformer.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 
 
+class WarmGuards:
+    """Skips Dynamo's guard checks for batch shapes that have already run once.
+
+    Each call of a compiled block checks its guards on the host: ~130 us per call, ~7.5 ms of a 512 px
+    batch-1 step (114 block calls) that is bound by the host (bench/RESULTS.md, sessions 6 and 9). Once a
+    shape has run, every variant it needs is compiled, so Dynamo need only tell the compiled variants
+    apart (`skip_guard_eval_unsafe`). A shape not seen before runs with full guards, and compiles.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seen: set[tuple] = set()
+
+    def __call__(self, *tensors: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The context for one training forward and backward whose inputs have the shapes of `tensors`."""
+        key = tuple(tuple(t.shape) for t in tensors)
+        if not self.enabled or key not in self.seen:
+            self.seen.add(key)
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
 def attention_backends(device: torch.device, cudnn: bool = False) -> contextlib.AbstractContextManager:
     """The SDPA kernels for the transformer on CUDA; wrap forward and backward (gradient checkpointing
     recomputes attention in the backward pass). Flash or memory-efficient attention by default.

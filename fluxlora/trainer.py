@@ -27,8 +27,9 @@ from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, 
 from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import JsonlLog, plot_loss_curve, read_jsonl
-from .models import (DTYPES, FlatParameters, add_lora, attention_backends, blocks_to_checkpoint, checkpoint_blocks,
-                     compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer, load_vae_and_scheduler)
+from .models import (DTYPES, FlatParameters, WarmGuards, add_lora, attention_backends, blocks_to_checkpoint,
+                     checkpoint_blocks, compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer,
+                     load_vae_and_scheduler)
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -107,6 +108,8 @@ class Trainer:
         self.max_tokens = cfg.train_batch_size * max(
             (self.cache.max_sequence_length + (e.height // 16) * (e.width // 16) for e in entries), default=0)
         transformer, self.flat = self.build_transformer()
+        # not under FSDP, which swaps the parameters the compiled blocks see between sharded and whole
+        self.warm_guards = WarmGuards(cfg.compile and self.device.type == "cuda" and not self.fsdp)
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
@@ -216,7 +219,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         for _ in range(cfg.gradient_accumulation_steps):
             batch, data = next(batches)
-            with acc.accumulate(self.transformer), attention_backends(self.device, self.cudnn_attention):
+            with acc.accumulate(self.transformer), attention_backends(self.device, self.cudnn_attention), \
+                    self.warm_guards(data["mean"], data["t5"]):
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
                 if acc.sync_gradients:

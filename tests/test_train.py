@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny model: learning, resuming, outputs that diffusers loads."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -403,6 +404,32 @@ def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forwar
     calls.clear()
     compile_blocks(tiny_lora_transformer(tiny_flux_dev)[0])
     assert [kwargs["mode"] for _, kwargs in calls] == [None] * len(blocks)
+
+
+def test_warm_guards_skip_checks_only_for_shapes_already_run():
+    """WarmGuards: a shape that ran before skips Dynamo's guard checks, and gets its own compiled variant's
+    result; a new shape runs with full guards, so it compiles rather than reuse another shape's variant
+    (with the checks skipped it would get the other shape's output)."""
+    from fluxlora.models import WarmGuards
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append([tuple(t.shape) for t in example_inputs])
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x.sum(0) * 2, backend=backend, dynamic=False)
+    guards, a, b = WarmGuards(enabled=True), torch.ones(2, 3), torch.ones(4, 5)
+    for x, expected_compiles in ((a, 1), (a, 1), (b, 2), (b, 2), (a, 2)):
+        with guards(x):
+            torch.testing.assert_close(fn(x), x.sum(0) * 2)
+        assert len(compiles) == expected_compiles
+    assert guards.seen == {((2, 3),), ((4, 5),)}
+    off = WarmGuards(enabled=False)
+    off(a)
+    assert isinstance(off(a), contextlib.nullcontext)
+    torch._dynamo.reset()
 
 
 def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monkeypatch):
