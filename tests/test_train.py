@@ -408,8 +408,8 @@ def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forwar
 
 def test_warm_guards_skip_checks_only_for_shapes_already_run():
     """WarmGuards: a shape that ran before skips Dynamo's guard checks, and gets its own compiled variant's
-    result; a new shape runs with full guards, so it compiles rather than reuse another shape's variant
-    (with the checks skipped it would get the other shape's output)."""
+    result; a new shape runs with full guards, so it compiles (with the checks skipped, Dynamo would refuse to
+    recompile and raise, or with another variant cached, could pick one for the wrong shape)."""
     from fluxlora.models import WarmGuards
 
     compiles = []
@@ -426,9 +426,9 @@ def test_warm_guards_skip_checks_only_for_shapes_already_run():
             torch.testing.assert_close(fn(x), x.sum(0) * 2)
         assert len(compiles) == expected_compiles
     assert guards.seen == {((2, 3),), ((4, 5),)}
-    off = WarmGuards(enabled=False)
+    off = WarmGuards(enabled=False)  # on the CPU, without compilation, or under FSDP
     off(a)
-    assert isinstance(off(a), contextlib.nullcontext)
+    assert isinstance(off(a), contextlib.nullcontext)  # a shape seen before still checks every guard
     torch._dynamo.reset()
 
 
