@@ -197,11 +197,13 @@ class WarmGuards:
 
     def __call__(self, *tensors: torch.Tensor) -> contextlib.AbstractContextManager:
         """The context for one training forward and backward whose inputs have the shapes of `tensors`."""
-        key = tuple(tuple(t.shape) for t in tensors)
-        if not self.enabled or key not in self.seen:
-            self.seen.add(key)
+        if not self.enabled:
             return contextlib.nullcontext()
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        key = tuple(tuple(t.shape) for t in tensors)
+        if key in self.seen:
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        self.seen.add(key)
+        return contextlib.nullcontext()
 
 
 def attention_backends(device: torch.device, cudnn: bool = False) -> contextlib.AbstractContextManager:

@@ -108,8 +108,6 @@ class Trainer:
         self.max_tokens = cfg.train_batch_size * max(
             (self.cache.max_sequence_length + (e.height // 16) * (e.width // 16) for e in entries), default=0)
         transformer, self.flat = self.build_transformer()
-        # not under FSDP, which swaps the parameters the compiled blocks see between sharded and whole
-        self.warm_guards = WarmGuards(cfg.compile and self.device.type == "cuda" and not self.fsdp)
         self.params = [self.flat.flat] if self.flat else [p for p in transformer.parameters() if p.requires_grad]
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         optimizer = build_optimizer(cfg, self.params)
@@ -162,8 +160,11 @@ class Trainer:
         # so DDP's all-reduces already start as each block's backward ends; on 4 H200s the splits made
         # the 512 px step 0.57 s instead of 0.15 s, and with --cuda_graphs it hung while recording them.
         torch._dynamo.config.optimize_ddp = False
-        if cfg.compile and self.device.type == "cuda":
+        compiled = cfg.compile and self.device.type == "cuda"
+        if compiled:
             compile_blocks(transformer, cuda_graphs=self.cuda_graphs, checkpointed=self.checkpointed_blocks)
+        # not under FSDP, which swaps the parameters the compiled blocks see between sharded and whole
+        self.warm_guards = WarmGuards(compiled and not self.fsdp)
         return transformer, flat
 
     # ---------------------------------------------------------------- the loop

@@ -95,13 +95,12 @@ def test_fp8_linear_on_cuda_matches_at_flux_shapes(in_features, out_features):
     """Hopper's fp8 kernels at FLUX's largest reductions (K up to 15360, the single blocks' proj_out), with
     the forward's fast accumulation: output and input gradient within e4m3's error of the fp32 layer."""
     torch.manual_seed(0)
-    linear = nn.Linear(in_features, out_features, device="cuda").requires_grad_(False)
-    layer = fp8.Fp8Linear(linear.to(torch.bfloat16))
-    ref_linear = linear.float()
-    x = torch.randn(4608, in_features, device="cuda")
-    x_ref = x.clone().requires_grad_(True)
-    x = x.to(torch.bfloat16).requires_grad_(True)
-    out, ref = layer(x), ref_linear(x_ref)
+    linear = nn.Linear(in_features, out_features, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layer = fp8.Fp8Linear(linear)
+    linear.float()  # the reference: the same bf16 weights, multiplied in fp32
+    x_ref = torch.randn(4608, in_features, device="cuda", requires_grad=True)
+    x = x_ref.detach().to(torch.bfloat16).requires_grad_(True)
+    out, ref = layer(x), linear(x_ref)
     grad = torch.randn_like(ref)
     out.backward(grad.to(out.dtype))
     ref.backward(grad)
