@@ -13,6 +13,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from .config import ConfigError
+from .graph_passes import FUSE_SHARED_INPUT_LINEARS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -166,8 +167,9 @@ def checkpoint_blocks(transformer: FluxTransformer2DModel, count: int) -> None:
 
 def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = False, checkpointed: int = 0) -> None:
     """Regional torch.compile: each block compiled on its own, one graph per block type reused 19/38
-    times. With `cuda_graphs`, each block's kernels replay as a CUDA graph (reduce-overhead mode), except
-    the first `checkpointed` blocks (see checkpoint_blocks): their recomputation in the backward frees
+    times, the LoRA down projections of layers that share an input as one GEMM (graph_passes). With
+    `cuda_graphs`, each block's kernels replay as a CUDA graph (reduce-overhead mode), except the first
+    `checkpointed` blocks (see checkpoint_blocks): their recomputation in the backward frees
     inputs that a graph recording cannot follow. Every forward of the transformer starts a new round of
     replays, whose outputs may overwrite the last round's: training reads nothing of a forward after its
     backward, sampling nothing of a denoising step after the next begins."""
@@ -177,7 +179,12 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
     # with recomputed blocks and previews, which fullgraph=True turns into an error.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for index, block in enumerate(flux_blocks(transformer)):
-        block.compile(fullgraph=True, mode="reduce-overhead" if cuda_graphs and index >= checkpointed else None)
+        # options instead of a mode ("reduce-overhead" is `triton.cudagraphs`): torch.compile takes one or the
+        # other. Multi-kernel reductions (a persistent kernel where a row fits, chosen by timing both on the
+        # first call): 1024 px steps 3.5-4.4 ms faster on an H200, 512 px b4 the same (bench/RESULTS.md).
+        block.compile(fullgraph=True, options={"triton.cudagraphs": cuda_graphs and index >= checkpointed,
+                                               "triton.multi_kernel": 1,
+                                               "pre_grad_custom_pass": FUSE_SHARED_INPUT_LINEARS})
     if cuda_graphs:
         transformer.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 

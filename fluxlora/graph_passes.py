@@ -1,0 +1,110 @@
+"""A graph pass for the compiled blocks: LoRA down projections that read the same input, as one GEMM.
+
+In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's input layer of a
+single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
+double-stream block read theirs. Each down projection A [r, K] is a skinny GEMM that reads the whole
+activation [tokens, K] for r outputs per token, in the forward and again for its weight gradient in the
+backward: bound by memory, not FLOPs. Concatenating the siblings' A along their outputs reads the
+activation once per pass: one GEMM x [tokens, K] @ [A_q; A_k; A_v; ...].T, split into each layer's
+[tokens, r]. The outputs are the same dot products (summed in one kernel instead of several); autograd
+splits the weight gradient back onto each A, so the LoRA parameters and files are unchanged.
+
+Runs on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): it sees `F.linear` calls
+whose weights are the graph's inputs. Inductor's own `batch_linear_lhs` pass does the same only for
+2-D inputs (FLUX's are [batch, tokens, features]) and groups of five or more.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph, Node
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _example(node: object) -> torch.Tensor | None:
+    """The example value Dynamo recorded for a graph node (None for constants and non-tensors)."""
+    value = node.meta.get("example_value") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _weight(node: Node) -> object:
+    return node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+
+
+def _skinny_linear_input(node: Node) -> Node | None:
+    """The input of a bias-free `linear(x, W)` whose W [N, K] is an input of the graph with N <= K / 4
+    (a LoRA down projection), else None."""
+    if node.op != "call_function" or node.target not in _LINEAR:
+        return None
+    x, weight = node.args[0], _weight(node)
+    bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    w = _example(weight)
+    if (bias is not None or w is None or weight.op not in ("placeholder", "get_attr") or w.dim() != 2
+            or 4 * w.shape[0] > w.shape[1]):
+        return None
+    return x if isinstance(x, Node) else None
+
+
+def _source(x: Node) -> tuple:
+    """What a linear's input is computed from: PEFT casts it to the LoRA weights' dtype in each layer
+    (`x.to(torch.float32)`), which gives each sibling its own node for the same values."""
+    if x.op == "call_method" and x.target == "to":
+        return (x.args, tuple(sorted(x.kwargs.items())))
+    return (x,)
+
+
+def fuse_shared_input_linears(graph: Graph) -> int:
+    """Replace each group of two or more skinny bias-free linears of the same input by one linear over
+    their concatenated weights, split back into the group's outputs. Returns the number of groups.
+
+    x [..., K], weights W_i [N_i, K] -> linear(x, cat(W_i)) [..., sum N_i] -> split into [..., N_i].
+    """
+    groups: dict[tuple, list[Node]] = defaultdict(list)
+    for node in graph.nodes:
+        x = _skinny_linear_input(node)
+        if x is not None:
+            groups[_source(x)].append(node)
+    fused = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        x, weights = members[0].args[0], [_weight(m) for m in members]  # members in graph order
+        sections = [_example(w).shape[0] for w in weights]
+        with graph.inserting_before(members[0]):
+            stacked = graph.call_function(torch.cat, (weights,), {"dim": 0})
+            # shapes for later passes (as Dynamo records them): [sum N_i, K] and [..., sum N_i]
+            stacked.meta["example_value"] = _example(weights[0]).new_empty(sum(sections), _example(x).shape[-1])
+            out = graph.call_function(torch._C._nn.linear, (x, stacked))
+            out.meta["example_value"] = _example(x).new_empty(*_example(x).shape[:-1], sum(sections))
+            parts = graph.call_function(torch.split, (out, sections), {"dim": -1})
+            for index, member in enumerate(members):
+                piece = graph.call_function(operator.getitem, (parts, index))
+                piece.meta.update(member.meta)
+                member.replace_all_uses_with(piece)
+        for member in members:
+            old_input = member.args[0]
+            graph.erase_node(member)
+            if isinstance(old_input, Node) and not old_input.users:  # the other siblings' casts
+                graph.erase_node(old_input)
+        fused += 1
+    return fused
+
+
+class FuseSharedInputLinears(CustomGraphPass):
+    """`fuse_shared_input_linears` as Inductor's `pre_grad_custom_pass` (with a uuid, so that compiled
+    graphs stay cacheable)."""
+
+    def __call__(self, graph: Graph) -> None:
+        fuse_shared_input_linears(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+# One instance for every compiled block: torch.compile tells backends apart by their options, so a pass
+# object per block would make each of the 57 blocks a different backend, compiled on its own.
+FUSE_SHARED_INPUT_LINEARS = FuseSharedInputLinears()

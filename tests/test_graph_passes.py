@@ -1,0 +1,76 @@
+"""The compiled blocks' graph pass: LoRA down projections that share an input, as one GEMM."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from fluxlora.config import DEFAULT_LORA_LAYERS
+from fluxlora.graph_passes import fuse_shared_input_linears
+from fluxlora.models import add_lora
+from fluxlora.tiny import transformer_config
+
+TOKENS, TEXT_TOKENS = 16, 8
+
+
+def lora_transformer(dropout: float = 0.0) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**transformer_config()).to(torch.bfloat16).requires_grad_(False)
+    add_lora(transformer, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS, dropout=dropout)
+    for name, param in transformer.named_parameters():
+        if "lora_B" in name:  # zero at init: the down projections' gradients would be zero too
+            torch.nn.init.normal_(param, std=0.1)
+    return transformer
+
+
+def forward_backward(block: torch.nn.Module, fn, rope) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Output, input gradient and LoRA gradients of a block's forward and backward under bf16 autocast."""
+    dim = block.attn.to_q.in_features
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, TOKENS, dim, generator=gen).bfloat16().requires_grad_()
+    text = torch.randn(1, TEXT_TOKENS, dim, generator=gen).bfloat16()
+    temb = torch.randn(1, dim, generator=gen).bfloat16()
+    block.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(hidden, text, temb, image_rotary_emb=rope)
+    sum((o.float() ** 2).mean() for o in out).backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return out[1], hidden.grad, grads
+
+
+def captured(block: torch.nn.Module, fused: list[int]):
+    """The block through Dynamo with the pass applied to its graph, run eagerly (no Inductor)."""
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        fused.append(fuse_shared_input_linears(gm.graph))
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+    torch._dynamo.reset()
+    return torch.compile(block, backend=backend, fullgraph=True)
+
+
+@pytest.mark.parametrize("kind, groups", [("single", 1), ("double", 2)])
+def test_fused_down_projections_give_the_same_outputs_and_gradients(kind, groups):
+    """Single blocks: q, k, v and proj_mlp read one activation; double blocks: q, k, v of each stream."""
+    transformer = lora_transformer()
+    block = (transformer.single_transformer_blocks if kind == "single" else transformer.transformer_blocks)[0]
+    rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
+    fused: list[int] = []
+    out, grad_in, grads = forward_backward(block, captured(block, fused), rope)
+    ref_out, ref_grad_in, ref_grads = forward_backward(block, block, rope)
+    assert fused == [groups]
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(grad_in, ref_grad_in)
+    lora_grads = sorted(n for n in ref_grads if "lora_A" in n)
+    assert len(lora_grads) == (5 if kind == "single" else 12) and sorted(grads) == sorted(ref_grads)
+    for name in ref_grads:  # the split weight gradient lands on each layer's own A
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_layers_with_lora_dropout_keep_their_own_projections():
+    """Each layer draws its own dropout mask, so the siblings' inputs differ: nothing to fuse."""
+    transformer = lora_transformer(dropout=0.1)
+    block = transformer.single_transformer_blocks[0]
+    fused: list[int] = []
+    forward_backward(block, captured(block, fused), transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3)))
+    assert fused == [0]
