@@ -385,7 +385,7 @@ def test_blocks_to_checkpoint_is_the_fewest_that_fit():
 def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forward(tiny_flux_dev, monkeypatch):
     """compile_blocks: every block compiled with fullgraph, CUDA graphs (reduce-overhead) on all but
     the recomputed ones, and a new graph step marked at each forward of the transformer (what lets
-    previews replay beside training). torch.compile itself is stubbed: the modes are what is checked."""
+    previews replay beside training). torch.compile itself is stubbed: the options are what is checked."""
     from fluxlora.models import compile_blocks
 
     calls, marks = [], []
@@ -395,15 +395,18 @@ def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forwar
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     compile_blocks(model, cuda_graphs=True, checkpointed=2)
     assert [block for block, _ in calls] == blocks
-    assert [kwargs["mode"] for _, kwargs in calls] == [None, None] + ["reduce-overhead"] * (len(blocks) - 2)
+    graphs = [kwargs["options"]["triton.cudagraphs"] for _, kwargs in calls]
+    assert graphs == [False, False] + [True] * (len(blocks) - 2)
     assert all(kwargs["fullgraph"] for _, kwargs in calls)
+    # one pass object for all: torch.compile compares options, so one per block would compile each block apart
+    assert len({id(kwargs["options"]["pre_grad_custom_pass"]) for _, kwargs in calls}) == 1
     with torch.no_grad():
         for _ in range(2):
             tiny_forward(model, torch.Generator().manual_seed(0))
     assert len(marks) == 2
     calls.clear()
     compile_blocks(tiny_lora_transformer(tiny_flux_dev)[0])
-    assert [kwargs["mode"] for _, kwargs in calls] == [None] * len(blocks)
+    assert [kwargs["options"]["triton.cudagraphs"] for _, kwargs in calls] == [False] * len(blocks)
 
 
 def test_warm_guards_skip_checks_only_for_shapes_already_run():
