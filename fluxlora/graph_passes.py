@@ -31,8 +31,9 @@ def _example(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _weight(node: Node) -> object:
-    return node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+def _arg(node: Node, index: int, name: str) -> object:
+    """A call's argument, given by position or by name (None when absent)."""
+    return node.kwargs.get(name, node.args[index] if len(node.args) > index else None)
 
 
 def _skinny_linear_input(node: Node) -> Node | None:
@@ -40,10 +41,9 @@ def _skinny_linear_input(node: Node) -> Node | None:
     (a LoRA down projection), else None."""
     if node.op != "call_function" or node.target not in _LINEAR:
         return None
-    x, weight = node.args[0], _weight(node)
-    bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    x, weight = node.args[0], _arg(node, 1, "weight")
     w = _example(weight)
-    if (bias is not None or w is None or weight.op not in ("placeholder", "get_attr") or w.dim() != 2
+    if (_arg(node, 2, "bias") is not None or w is None or weight.op not in ("placeholder", "get_attr") or w.dim() != 2
             or 4 * w.shape[0] > w.shape[1]):
         return None
     return x if isinstance(x, Node) else None
@@ -72,14 +72,14 @@ def fuse_shared_input_linears(graph: Graph) -> int:
     for members in groups.values():
         if len(members) < 2:
             continue
-        x, weights = members[0].args[0], [_weight(m) for m in members]  # members in graph order
-        sections = [_example(w).shape[0] for w in weights]
+        x, weights = members[0].args[0], [_arg(m, 1, "weight") for m in members]  # members in graph order
+        x_example, sections = _example(x), [_example(w).shape[0] for w in weights]
         with graph.inserting_before(members[0]):
             stacked = graph.call_function(torch.cat, (weights,), {"dim": 0})
             # shapes for later passes (as Dynamo records them): [sum N_i, K] and [..., sum N_i]
-            stacked.meta["example_value"] = _example(weights[0]).new_empty(sum(sections), _example(x).shape[-1])
+            stacked.meta["example_value"] = _example(weights[0]).new_empty(sum(sections), x_example.shape[-1])
             out = graph.call_function(torch._C._nn.linear, (x, stacked))
-            out.meta["example_value"] = _example(x).new_empty(*_example(x).shape[:-1], sum(sections))
+            out.meta["example_value"] = x_example.new_empty(*x_example.shape[:-1], sum(sections))
             parts = graph.call_function(torch.split, (out, sections), {"dim": -1})
             for index, member in enumerate(members):
                 piece = graph.call_function(operator.getitem, (parts, index))

@@ -95,3 +95,17 @@ def train_config(cache, model, out, **overrides):
     cfg = TrainConfig(**{**values, **overrides})
     cfg.validate()
     return cfg
+
+
+def tiny_lora_transformer(model, dtype: torch.dtype = torch.float32,
+                          dropout: float = 0.0) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The tiny transformer in `dtype` with the default LoRA layers at rank 4 (seeded), and the LoRA
+    weights (fp32; PEFT freezes the rest)."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.config import DEFAULT_LORA_LAYERS
+    from fluxlora.models import add_lora
+
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype)
+    torch.manual_seed(0)
+    return transformer, add_lora(transformer, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS, dropout=dropout)

@@ -5,18 +5,16 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxlora.config import DEFAULT_LORA_LAYERS
 from fluxlora.graph_passes import fuse_shared_input_linears
-from fluxlora.models import add_lora
-from fluxlora.tiny import transformer_config
+
+from .conftest import tiny_lora_transformer
 
 TOKENS, TEXT_TOKENS = 16, 8
 
 
-def lora_transformer(dropout: float = 0.0) -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(**transformer_config()).to(torch.bfloat16).requires_grad_(False)
-    add_lora(transformer, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS, dropout=dropout)
+def lora_transformer(model, dropout: float = 0.0) -> FluxTransformer2DModel:
+    """The tiny transformer in bf16 (so PEFT casts each LoRA input to fp32) with non-zero LoRA B weights."""
+    transformer, _ = tiny_lora_transformer(model, torch.bfloat16, dropout)
     for name, param in transformer.named_parameters():
         if "lora_B" in name:  # zero at init: the down projections' gradients would be zero too
             torch.nn.init.normal_(param, std=0.1)
@@ -50,9 +48,9 @@ def captured(block: torch.nn.Module, fused: list[int]):
 
 
 @pytest.mark.parametrize("kind, groups", [("single", 1), ("double", 2)])
-def test_fused_down_projections_give_the_same_outputs_and_gradients(kind, groups):
+def test_fused_down_projections_give_the_same_outputs_and_gradients(tiny_flux_dev, kind, groups):
     """Single blocks: q, k, v and proj_mlp read one activation; double blocks: q, k, v of each stream."""
-    transformer = lora_transformer()
+    transformer = lora_transformer(tiny_flux_dev)
     block = (transformer.single_transformer_blocks if kind == "single" else transformer.transformer_blocks)[0]
     rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
     fused: list[int] = []
@@ -67,9 +65,9 @@ def test_fused_down_projections_give_the_same_outputs_and_gradients(kind, groups
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
 
 
-def test_layers_with_lora_dropout_keep_their_own_projections():
+def test_layers_with_lora_dropout_keep_their_own_projections(tiny_flux_dev):
     """Each layer draws its own dropout mask, so the siblings' inputs differ: nothing to fuse."""
-    transformer = lora_transformer(dropout=0.1)
+    transformer = lora_transformer(tiny_flux_dev, dropout=0.1)
     block = transformer.single_transformer_blocks[0]
     fused: list[int] = []
     forward_backward(block, captured(block, fused), transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3)))

@@ -18,7 +18,7 @@ from fluxlora.config import ConfigError, TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import LORA_FILE, Trainer, train
 
-from .conftest import reset_accelerate, train_config
+from .conftest import reset_accelerate, tiny_lora_transformer, train_config
 
 
 DEFAULTS = dict(max_train_steps=8, checkpointing_steps=4, seed=7)
@@ -26,16 +26,6 @@ DEFAULTS = dict(max_train_steps=8, checkpointing_steps=4, seed=7)
 
 def make_cfg(cache: Path, model: Path, out: Path, **overrides) -> TrainConfig:
     return train_config(cache, model, out, **{**DEFAULTS, **overrides})
-
-
-def tiny_lora_transformer(model: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The tiny transformer with the default LoRA layers at rank 4 (seeded), and the LoRA weights."""
-    from fluxlora.config import DEFAULT_LORA_LAYERS
-    from fluxlora.models import add_lora
-
-    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
-    torch.manual_seed(0)
-    return transformer, add_lora(transformer, rank=4, alpha=4, target_modules=DEFAULT_LORA_LAYERS)
 
 
 def tiny_forward(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
