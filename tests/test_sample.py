@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 
 import sample
 from fluxlora.config import DEFAULT_LORA_LAYERS, ConfigError, SampleConfig, parse_config
+from fluxlora.graph_passes import FUSE_SHARED_INPUT_LINEARS
 from fluxlora.lora_io import convert_lora_file, read_lora, save_lora
 from fluxlora.prompts import PromptJob, read_prompts
-from fluxlora.sampling import load_pipeline, render_jobs, run_sample
+from fluxlora.sampling import load_pipeline, render_jobs, run_sample, use_loras
 from fluxlora.tiny import transformer_config
 from tests.conftest import reset_accelerate
 from tests.test_lora_io import lora_transformer
@@ -58,9 +59,10 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def reference(model, prompt, seed, *, loras=(), scales=None, max_sequence_length=32, **settings):
+def reference(model, prompt, seed, *, loras=(), scales=None, fuse=False, max_sequence_length=32, **settings):
     """The image diffusers' FluxPipeline gives: LoRA files loaded by path, weighted by set_adapters
-    when `scales` are given, noise from a CPU generator."""
+    when `scales` are given, with `fuse` merged into the weights by fuse_lora and the adapters
+    unloaded, noise from a CPU generator."""
     pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     names = [f"adapter{i}" for i in range(len(loras))]
@@ -68,6 +70,9 @@ def reference(model, prompt, seed, *, loras=(), scales=None, max_sequence_length
         pipe.load_lora_weights(path, adapter_name=name)
     if scales:
         pipe.set_adapters(names, scales)
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
     call = {"width": 64, "height": 64, "num_inference_steps": 2, **settings}
     image = pipe(prompt, max_sequence_length=max_sequence_length, generator=torch.Generator().manual_seed(seed),
                  **call).images[0]
@@ -116,16 +121,26 @@ def test_default_t5_length_is_the_models(tiny_flux_dev, tiny_flux_schnell, tmp_p
                               reference(model, PROMPTS[0], 0, max_sequence_length=length, guidance_scale=3.5))
 
 
-def test_with_a_lora_the_images_are_load_lora_weights(tiny_flux_dev, loras, tmp_path, accelerator):
-    run_sample(make_cfg(tiny_flux_dev, tmp_path, lora=[loras["a"]], compare=True), accelerator)
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "adapters"])
+def test_with_a_lora_the_images_are_load_lora_weights(tiny_flux_dev, loras, tmp_path, accelerator, fuse):
+    """By default the LoRA is merged into the weights (diffusers' fuse_lora); --no-fuse_lora renders
+    through the adapters. Either way, --compare's base images come first, from the model without it."""
+    run_sample(make_cfg(tiny_flux_dev, tmp_path, lora=[loras["a"]], compare=True, fuse_lora=fuse), accelerator)
 
     for i, prompt in enumerate(PROMPTS):
         with_lora = pixels(tmp_path / f"{i:04d}-lora.png")
-        assert np.array_equal(with_lora, reference(tiny_flux_dev, prompt, 0, loras=[loras["a"]]))
+        adapters = reference(tiny_flux_dev, prompt, 0, loras=[loras["a"]])
+        if fuse:
+            assert np.array_equal(with_lora, reference(tiny_flux_dev, prompt, 0, loras=[loras["a"]], fuse=True))
+            assert np.abs(with_lora - adapters).max() <= 1  # merged or beside the base: the same LoRA
+        else:
+            assert np.array_equal(with_lora, adapters)
         # --compare's base image is the model without the LoRA, same seed
         base = pixels(tmp_path / f"{i:04d}-base.png")
         assert np.array_equal(base, reference(tiny_flux_dev, prompt, 0))
         assert np.abs(with_lora - base).mean() > 5  # the LoRA matters
+    rows = [json.loads(line) for line in (tmp_path / "index.jsonl").read_text().splitlines()]
+    assert [row["lora_fused"] for row in rows] == [False, fuse] * len(PROMPTS)
 
 
 def test_two_loras_at_their_scales_are_set_adapters(tiny_flux_dev, loras, tmp_path, accelerator):
@@ -135,10 +150,31 @@ def test_two_loras_at_their_scales_are_set_adapters(tiny_flux_dev, loras, tmp_pa
 
     image = pixels(tmp_path / "0000-lora.png")
     both = [loras["a"], loras["b"]]
-    assert np.array_equal(image, reference(tiny_flux_dev, PROMPTS[0], 0, loras=both, scales=scales))
-    assert not np.array_equal(image, reference(tiny_flux_dev, PROMPTS[0], 0, loras=both))  # the scales matter
+    assert np.array_equal(image, reference(tiny_flux_dev, PROMPTS[0], 0, loras=both, scales=scales, fuse=True))
+    assert not np.array_equal(image, reference(tiny_flux_dev, PROMPTS[0], 0, loras=both, fuse=True))  # scales matter
     assert [row["loras"] for row in map(json.loads, (tmp_path / "index.jsonl").read_text().splitlines())] == [
         [{"path": loras["a"], "scale": 0.6}, {"path": loras["b"], "scale": 1.5}]]
+
+
+def test_fusing_merges_each_lora_at_its_scale_and_drops_the_adapters(tiny_flux_dev, loras, accelerator):
+    """use_loras(fuse=True): W + sum of scale * alpha / rank * B @ A from the files, and plain nn.Linear layers
+    (no LoRA work left per step). On the tiny model in fp32 fused and adapter images are the same pixels, so
+    the weights are what is checked."""
+    pipe = load_pipeline(make_cfg(tiny_flux_dev, "unused", lora=[loras["a"], loras["b"]], lora_scale=[0.6, 1.5]),
+                         accelerator.device)
+    base = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.detach().clone()
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    delta = 0
+    for name, scale in (("a", 0.6 * 8 / 4), ("b", 1.5 * 2 / 2)):  # lora_scale * alpha / rank
+        state, _ = read_lora(loras[name])
+        delta = delta + scale * state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]
+
+    use_loras(pipe, fuse=True)
+    fused = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(fused) is torch.nn.Linear
+    assert not [name for name, _ in pipe.transformer.named_modules() if "lora" in name]
+    torch.testing.assert_close(fused.weight, base + delta)
+    assert (delta.abs() > 1e-3).float().mean() > 0.5  # the LoRAs change the weights
 
 
 def test_kohya_and_converted_files_give_the_diffusers_files_image(tiny_flux_dev, loras, tmp_path, accelerator):
@@ -275,6 +311,20 @@ def test_batches_give_each_prompt_its_batch_of_one_image(tiny_flux_dev, accelera
         assert np.abs(one - many).max() <= 1  # batched matmuls round differently, nothing more
     # and each job keeps its own seed: images of one prompt with two seeds differ
     assert np.abs(np.asarray(single[0], dtype=np.int16) - np.asarray(single[2], dtype=np.int16)).mean() > 5
+
+
+def test_compile_gives_every_block_the_shared_input_pass(tiny_flux_dev, loras, monkeypatch, accelerator):
+    """--compile: diffusers' regional compile of each block, with the pass that runs the unfused LoRAs'
+    sibling down projections as one GEMM (tests/test_graph_passes.py checks the pass itself). torch.compile
+    is stubbed: the options are what is checked."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    pipe = load_pipeline(make_cfg(tiny_flux_dev, "unused", lora=[loras["a"]], compile=True), accelerator.device)
+
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    assert [module for module, _ in calls] == blocks
+    for _, kwargs in calls:
+        assert kwargs == {"fullgraph": True, "options": {"pre_grad_custom_pass": FUSE_SHARED_INPUT_LINEARS}}
 
 
 # ---------------------------------------------------------------------------------------------
