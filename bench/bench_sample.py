@@ -42,7 +42,8 @@ def random_lora(transformer: torch.nn.Module, rank: int = 16) -> dict[str, torch
         targeted = any(name == p or name.endswith("." + p) for p in DEFAULT_LORA_LAYERS)  # as peft matches them
         if isinstance(module, torch.nn.Linear) and targeted:
             for part, shape in (("lora_A", (rank, module.in_features)), ("lora_B", (module.out_features, rank))):
-                state[f"transformer.{name}.{part}.weight"] = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.01
+                state[f"transformer.{name}.{part}.weight"] = weight
     return state
 
 
