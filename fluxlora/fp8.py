@@ -18,11 +18,6 @@ from torch import nn
 
 from .models import flux_blocks
 
-try:
-    from .fp8_kernels import quantize_rows_triton
-except ImportError:  # no Triton (CPU builds of torch): torch ops only
-    quantize_rows_triton = None
-
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -30,11 +25,8 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise e4m3 quantization: x [M, K] -> (q [M, K] e4m3, scale [M, 1] fp32), x ~= q * scale.
 
-    Each row is scaled so that its largest magnitude maps to e4m3's largest value (448). On CUDA a
-    Triton kernel (fp8_kernels) gives the same values reading each row once.
+    Each row is scaled so that its largest magnitude maps to e4m3's largest value (448).
     """
-    if quantize_rows_triton is not None and x.is_cuda and x.dim() == 2:
-        return quantize_rows_triton(x)
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = amax.clamp(min=1e-12) / E4M3_MAX
     # row-major whatever x's layout (elementwise ops keep a transposed input's strides): _scaled_mm
