@@ -4,10 +4,10 @@ Previews need no text encoder: the cached T5/CLIP embeddings of the validation p
 `prompt_embeds`/`pooled_prompt_embeds`, and the pipeline is built around the training transformer.
 
 sample.py renders with FluxPipeline itself, loaded and called as a diffusers user would (LoRAs
-through `load_lora_weights` and `set_adapters`), so its images are exactly diffusers' for the same
-model, prompt, seed and settings; its work is what surrounds that: prompts and per-prompt settings,
-single-file and quantised transformers, LoRA files of other tools, several processes, and outputs
-that record how each image was made.
+through `load_lora_weights` and `set_adapters`, then merged by `fuse_lora` unless --no-fuse_lora), so
+its images are exactly diffusers' for the same model, prompt, seed and settings; its work is what
+surrounds that: prompts and per-prompt settings, single-file and quantised transformers, LoRA files
+of other tools, several processes, and outputs that record how each image was made.
 """
 from __future__ import annotations
 

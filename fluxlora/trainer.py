@@ -30,6 +30,7 @@ from .metrics import JsonlLog, plot_loss_curve, read_jsonl
 from .models import (DTYPES, FlatParameters, WarmGuards, add_lora, attention_backends, blocks_to_checkpoint,
                      checkpoint_blocks, compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer,
                      load_vae_and_scheduler)
+from .optim import Outcome, SkippingStep, build_optimizer
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
 from .sampling import embeddings_pipeline, image_grid, render_from_embeddings, save_png
@@ -56,20 +57,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
                          # Gradients as views of DDP's buckets: no copy back of 838 LoRA gradients per step.
                          DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
     )
-
-
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                                   eps=cfg.adam_epsilon)
-    if cfg.optimizer == "prodigy":
-        import prodigyopt
-        return prodigyopt.Prodigy(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                                  eps=cfg.adam_epsilon)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                             eps=cfg.adam_epsilon)
 
 
 def sample_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
@@ -119,6 +106,10 @@ class Trainer:
         elif self.flat:
             self.flat.bind()  # prepare may have moved, i.e. copied, the LoRA weights out of the flat tensor
         register_lora_hooks(acc, self.transformer)
+        # the skip of a non-finite step decided on the GPU, except where the optimizer or accelerate must read
+        # the gradients on the host anyway (optim.SkippingStep)
+        self.updates = SkippingStep(self.optimizer, self.lr_scheduler, self.params,
+                                    defer=not self.fsdp and cfg.optimizer != "prodigy" and acc.scaler is None)
 
         self.step, self.position = 0, 0
         resumed = self.resumed_from
@@ -225,14 +216,13 @@ class Trainer:
                 loss, sigmas = self.loss(batch, data)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    self.settle()  # the last step's outcome: the GPU is past it, busy with this step's backward
                     if self.flat:
                         self.flat.collect_grads()
                     # the norm of the all-reduced gradients: every process takes the same decision
                     grad_norm = full_tensor(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")))
                     window.grad_norm = grad_norm
-                    if self.finite(grad_norm):
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
+                    self.updates.step(grad_norm, self.step + 1)
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), sigmas, len(batch.entries))
             self.position += 1
@@ -290,24 +280,26 @@ class Trainer:
                     total += self.flow_loss(model, x0, noise, torch.full((1,), sigma, device=dev), t5, clip).item()
         return total / (len(self.holdout) * len(VALIDATION_SIGMAS))
 
-    def finite(self, grad_norm: torch.Tensor) -> bool:
-        """Whether to apply this step. A non-finite loss or gradient skips the update with a warning;
-        `--max_nan_steps` of them in a row stop the run with a checkpoint of the last good state.
-        Reading the norm is a host sync per optimizer step."""
-        if torch.isfinite(grad_norm).item():
+    def settle(self) -> None:
+        """Account for the optimizer steps whose outcome the host has not read yet. A non-finite loss or
+        gradient skips its update with a warning; `--max_nan_steps` of them in a row stop the run with a
+        checkpoint of the last good state."""
+        for outcome in self.updates.settle():
+            self.count_skip(outcome)
+
+    def count_skip(self, outcome: Outcome) -> None:
+        if outcome.applied:
             self.nan_streak = 0
-            return True
+            return
         self.nan_streak += 1
-        step = self.step + 1
-        logger.warning(f"step {step}: non-finite loss or gradient (norm {grad_norm.item()}); update skipped "
+        logger.warning(f"step {outcome.step}: non-finite loss or gradient (norm {outcome.grad_norm}); update skipped "
                        f"({self.nan_streak} in a row, --max_nan_steps {self.cfg.max_nan_steps})")
         if self.nan_streak >= self.cfg.max_nan_steps:
             self.save_checkpoint()
             raise NonFiniteLoss(f"{self.nan_streak} optimizer steps in a row had a non-finite loss or gradient "
-                                f"(last at step {step}); the last good state is saved in "
+                                f"(last at step {outcome.step}); the last good state is saved in "
                                 f"{self.out / f'checkpoint-{self.step}'}. Lower --learning_rate or check the "
                                 f"data, then resume with --resume_from_checkpoint latest")
-        return False
 
     def maybe_stop(self) -> None:
         """On SIGTERM/SIGINT/SIGUSR1 (any process): checkpoint and leave with EXIT_PREEMPTED."""
@@ -348,6 +340,7 @@ class Trainer:
             self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
+        self.settle()  # the schedule and the optimizer's step counts as of the last step
         cfg = self.cfg
         state = {"step": self.step, "position": self.position, "global_batch": self.global_batch,
                  "world_size": self.accelerator.num_processes, "seed": cfg.seed}
@@ -422,6 +415,7 @@ class Trainer:
             save_lora(path, model, metadata=self.lora_metadata(), state_dict=state)
 
     def finish(self) -> Path:
+        self.settle()
         acc = self.accelerator
         acc.wait_for_everyone()
         lora = self.out / LORA_FILE

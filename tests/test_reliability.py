@@ -147,9 +147,10 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(demo_cache, tin
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match="resume_from_checkpoint"):
         train(cfg(demo_cache, tiny_flux_dev, out, max_nan_steps=3))
-    # the stop re-saves checkpoint-4 (4 steps done, 3 and 4 skipped) as step 5 fails too
-    assert [s for s, _ in complete_checkpoints(out)] == [2, 4]
-    saved = load_file(out / "checkpoint-4" / ADAPTER)
+    # the host learns of step 5's failure while step 6 runs, before step 6 updates anything: the stop saves
+    # checkpoint-5 (5 steps done, 3 to 5 skipped), the state of checkpoint-2
+    assert [s for s, _ in complete_checkpoints(out)] == [2, 4, 5]
+    saved = load_file(out / "checkpoint-5" / ADAPTER)
     assert_same_lora(saved, load_file(out / "checkpoint-2" / ADAPTER))
     assert all(torch.isfinite(v).all() for v in saved.values())
 
