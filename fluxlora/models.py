@@ -180,10 +180,10 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for index, block in enumerate(flux_blocks(transformer)):
         # options instead of a mode ("reduce-overhead" is `triton.cudagraphs`): torch.compile takes one or the
-        # other. Multi-kernel reductions (a persistent kernel where a row fits, chosen by timing both on the
-        # first call): 1024 px steps 3.5-4.4 ms faster on an H200, 512 px b4 the same (bench/RESULTS.md).
+        # other. Not `triton.multi_kernel`: 3.5-4.4 ms faster per 1024 px step on an H200, but a second run
+        # that found its graphs in Inductor's on-disk cache crashed loading them (torch 2.11, bench/RESULTS.md
+        # session 11), and that cache outlives runs on a machine.
         block.compile(fullgraph=True, options={"triton.cudagraphs": cuda_graphs and index >= checkpointed,
-                                               "triton.multi_kernel": 1,
                                                "pre_grad_custom_pass": FUSE_SHARED_INPUT_LINEARS})
     if cuda_graphs:
         transformer.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
