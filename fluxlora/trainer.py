@@ -285,9 +285,9 @@ class Trainer:
         gradient skips its update with a warning; `--max_nan_steps` of them in a row stop the run with a
         checkpoint of the last good state."""
         for outcome in self.updates.settle():
-            self.count_skip(outcome)
+            self.record(outcome)
 
-    def count_skip(self, outcome: Outcome) -> None:
+    def record(self, outcome: Outcome) -> None:
         if outcome.applied:
             self.nan_streak = 0
             return
