@@ -132,7 +132,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / steps
     step_s = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
-    loss = window.flush(acc)["loss"]
+    loss = window.flush(acc)()["loss"]
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,

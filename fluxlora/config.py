@@ -316,7 +316,8 @@ class TrainConfig(ModelSource):
     checkpointing_steps: int = flag(200, "save a resumable checkpoint (and its LoRA file) every N steps")
     checkpoints_total_limit: int | None = flag(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint folder to continue from")
-    logging_steps: int = flag(1, "write a JSONL/tracker row every N steps (reading the loss syncs the GPU)")
+    logging_steps: int = flag(1, "write a JSONL/tracker row every N steps (each is written during the next step, "
+                                 "once the GPU is past it: logging every step costs no wait)")
     report_to: str = flag("none", "trackers besides the JSONL log", choices=["none", "wandb", "tensorboard", "all"])
     tracker_project_name: str = flag("flux-lora", "W&B / TensorBoard project")
     run_name: str | None = flag(None, "run name for trackers and Oxen branches (default: the --output_dir folder name)")

@@ -1,4 +1,5 @@
-"""The JSONL training log (always written, whatever the trackers) and the loss-curve PNG."""
+"""The JSONL training log (always written, whatever the trackers), the loss-curve PNG, and reading
+values off the GPU without waiting for it."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,28 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from PIL import Image, ImageDraw
+
+
+class HostCopy:
+    """Device tensors on their way to the host: copied into pinned memory behind the work queued so far,
+    so that asking for them does not make the host wait for the GPU to drain. `get` waits only for the copy
+    itself (nothing, once the GPU has moved past it): a host that reads the last step's values during the
+    next step keeps the GPU busy, where `.item()` would leave it idle while the host launches more work."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        cuda = tensors[0].device.type == "cuda"
+        self.values = [t.detach().to("cpu", non_blocking=cuda) for t in tensors]
+        self.done = torch.cuda.Event() if cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def get(self) -> list[torch.Tensor]:
+        """The tensors on the host."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.values
 
 
 class JsonlLog:

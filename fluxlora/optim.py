@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from .config import TrainConfig
+from .metrics import HostCopy
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -63,14 +64,6 @@ class Outcome:
     grad_norm: float
 
 
-@dataclass
-class _Pending:
-    step: int
-    finite: torch.Tensor  # [] bool on the host, valid once `done` has passed
-    grad_norm: torch.Tensor  # [] fp32 on the host, likewise
-    done: torch.cuda.Event | None
-
-
 class SkippingStep:
     """optimizer.step() and scheduler.step() for each optimizer step, skipped where its gradient norm is
     not finite. Call `step` after the gradients are ready; `settle` returns the outcomes of the steps
@@ -87,7 +80,7 @@ class SkippingStep:
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  params: list[torch.Tensor], defer: bool):
         self.optimizer, self.scheduler, self.params, self.defer = optimizer, scheduler, params, defer
-        self.pending: list[_Pending] = []
+        self.pending: list[tuple[int, HostCopy]] = []  # (step, its finite flag and gradient norm)
         self.settled: list[Outcome] = []
 
     def step(self, grad_norm: torch.Tensor, step: int) -> None:
@@ -106,26 +99,18 @@ class SkippingStep:
         with torch.no_grad():
             for tensor, old in zip(tensors, saved):
                 tensor.copy_(torch.where(finite, tensor, old))
-        cuda = grad_norm.device.type == "cuda"
-        # copies into pinned host memory, read once `done` has passed: no wait for the GPU here
-        pending = _Pending(step, finite.to("cpu", non_blocking=cuda), grad_norm.float().to("cpu", non_blocking=cuda),
-                           torch.cuda.Event() if cuda else None)
-        if pending.done is not None:
-            pending.done.record()
-        self.pending.append(pending)
+        self.pending.append((step, HostCopy(finite, grad_norm.float())))
 
     def settle(self) -> list[Outcome]:
         """The outcomes of the steps since the last call, in order; steps the schedule for each applied
         one, and takes back the optimizer's step count of each skipped one."""
-        for pending in self.pending:
-            if pending.done is not None:
-                pending.done.synchronize()
-            applied = bool(pending.finite)
-            if applied:
+        for step, copy in self.pending:
+            finite, grad_norm = copy.get()
+            if finite:
                 self.scheduler.step()
             else:
                 self._uncount()
-            self.settled.append(Outcome(pending.step, applied, float(pending.grad_norm)))
+            self.settled.append(Outcome(step, bool(finite), float(grad_norm)))
         outcomes, self.pending, self.settled = self.settled, [], []
         return outcomes
 

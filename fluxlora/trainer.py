@@ -11,7 +11,7 @@ import gc
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +26,7 @@ from .checkpoint import (load_checkpoint, load_fsdp_state, register_lora_hooks, 
                          save_fsdp_state)
 from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
-from .metrics import JsonlLog, plot_loss_curve, read_jsonl
+from .metrics import HostCopy, JsonlLog, plot_loss_curve, read_jsonl
 from .models import (DTYPES, FlatParameters, WarmGuards, add_lora, attention_backends, blocks_to_checkpoint,
                      checkpoint_blocks, compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer,
                      load_vae_and_scheduler)
@@ -124,6 +124,7 @@ class Trainer:
             tracking.save_run_info(self.out, self.run_info)
         self.stop = StopRequest()
         self.nan_streak = 0
+        self.pending_log: tuple[int, int, Callable[[], dict[str, Any]]] | None = None  # see maybe_log
         self._preview_models: tuple | None = None
         self.preview_rounds: list[tuple[int, list]] = []
 
@@ -166,20 +167,21 @@ class Trainer:
         batches = prefetch(self.stream.iterate(self.position, acc.process_index, acc.num_processes),
                            lambda b: load_batch(self.cache, b, pin=self.device.type == "cuda"))
         window = _Window(self.device)
-        bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+        self.bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         try:
             with contextlib.closing(batches), scheduled_garbage_collection(cfg.gc_steps > 0):
                 while self.step < cfg.max_train_steps:
                     self.train_step(batches, window)
-                    bar.update(1)
-                    self.maybe_log(window, bar)
+                    self.bar.update(1)
+                    self.maybe_log(window)
                     self.maybe_checkpoint()
                     self.maybe_stop()
                     self.maybe_validate()
                     self.maybe_preview()
                     self.maybe_collect_garbage()
+                self.settle()  # the last step's log row
         finally:
-            bar.close()
+            self.bar.close()
             self.stop.restore()
         return self.finish()
 
@@ -281,11 +283,12 @@ class Trainer:
         return total / (len(self.holdout) * len(VALIDATION_SIGMAS))
 
     def settle(self) -> None:
-        """Account for the optimizer steps whose outcome the host has not read yet. A non-finite loss or
-        gradient skips its update with a warning; `--max_nan_steps` of them in a row stop the run with a
-        checkpoint of the last good state."""
+        """Account for the optimizer steps whose outcome the host has not read yet, then write the log row
+        waiting for them. A non-finite loss or gradient skips its update with a warning; `--max_nan_steps`
+        of them in a row stop the run with a checkpoint of the last good state."""
         for outcome in self.updates.settle():
             self.record(outcome)
+        self.write_log()
 
     def record(self, outcome: Outcome) -> None:
         if outcome.applied:
@@ -316,17 +319,26 @@ class Trainer:
         if self.cfg.gc_steps and self.step % self.cfg.gc_steps == 0:
             gc.collect()
 
-    def maybe_log(self, window: "_Window", bar: tqdm) -> None:
+    def maybe_log(self, window: "_Window") -> None:
+        """Start this step's log row. It is written at the next `settle` (in the next step, or before a
+        checkpoint, the held-out loss, the previews or the end), with the LR this step leaves: by then the
+        GPU is past it, and reading the loss makes the host wait for nothing."""
         if self.step % self.cfg.logging_steps and self.step != self.cfg.max_train_steps:
             return
-        row = window.flush(self.accelerator)  # the only host sync of the step
-        row.update(step=self.step, epoch=self.stream.epoch_of(self.position - 1), lr=self.lr_scheduler.get_last_lr()[0])
+        self.pending_log = (self.step, self.stream.epoch_of(self.position - 1), window.flush(self.accelerator))
+
+    def write_log(self) -> None:
+        if self.pending_log is None:
+            return
+        step, epoch, read = self.pending_log
+        self.pending_log = None
+        row = {**read(), "step": step, "epoch": epoch, "lr": self.lr_scheduler.get_last_lr()[0]}
         if self.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.accelerator.is_main_process:
             self.log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def maybe_checkpoint(self) -> None:
         cfg = self.cfg
@@ -361,6 +373,7 @@ class Trainer:
             return
         if self.step % cfg.validation_steps and self.step != cfg.max_train_steps:
             return
+        self.settle()  # the step's own row first
         row = {"step": self.step, "val_loss": self.validation_loss()}
         if self.accelerator.is_main_process:
             self.log.write(row)
@@ -372,6 +385,7 @@ class Trainer:
             return
         if not force and self.step % cfg.validation_steps and self.step != cfg.max_train_steps:
             return
+        self.settle()  # the step's log row before its previews' (W&B takes steps in order)
         acc.wait_for_everyone()
         # under FSDP each forward needs every process's shards: all render, the main process keeps
         images = self.render_previews() if acc.is_main_process or self.fsdp else None
@@ -486,15 +500,22 @@ class _Window:
         self.batches += 1
         self.images += images
 
-    def flush(self, acc: Accelerator) -> dict[str, Any]:
+    def flush(self, acc: Accelerator) -> Callable[[], dict[str, Any]]:
+        """Send the window's statistics to the host and start a new window. Returns the reader of its log
+        row (loss, sigma, images/s, grad norm): called once the GPU is past this step (during the next),
+        it does not make the host wait."""
         stats = torch.stack([self.loss_sum / self.batches, self.sigma_sum / self.batches])
         stats = acc.reduce(stats, reduction="mean")  # averaged over processes
-        images = acc.reduce(torch.tensor(float(self.images), device=self.device), reduction="sum")
+        # torch.full, not torch.tensor: a copy from the host would wait for the GPU to drain
+        images = acc.reduce(torch.full((), float(self.images), device=self.device), reduction="sum")
         elapsed = time.perf_counter() - self.start
-        row = {"loss": stats[0].item(), "sigma": stats[1].item(), "images_per_s": images.item() / elapsed}
-        if self.grad_norm is not None:
-            row["grad_norm"] = float(self.grad_norm)
+        copy = HostCopy(stats, images, *([] if self.grad_norm is None else [self.grad_norm.float()]))
         self._reset()
+
+        def row() -> dict[str, Any]:
+            (loss, sigma), images, *grad_norm = copy.get()
+            return {"loss": loss.item(), "sigma": sigma.item(), "images_per_s": images.item() / elapsed,
+                    **({"grad_norm": grad_norm[0].item()} if grad_norm else {})}
         return row
 
 
