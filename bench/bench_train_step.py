@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +35,7 @@ from bench.full_flux import random_transformer  # noqa: E402
 from fluxlora import cache as cache_mod  # noqa: E402
 from fluxlora import trainer as trainer_mod  # noqa: E402
 from fluxlora.config import TrainConfig  # noqa: E402
+from fluxlora.metrics import read_jsonl  # noqa: E402
 from fluxlora.sampler import load_batch, prefetch  # noqa: E402
 
 MODEL_ID = "bench/flux1-dev-random"  # stands for the random model; recorded in the synthetic cache
@@ -99,13 +101,14 @@ def forward_flops(height: int, width: int, batch: int, text_tokens: int = 512) -
     return batch * 57 * (2 * per_token * tokens + 4 * tokens**2 * d)
 
 
-def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_bytes: int = 0, **options) -> dict:
+def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_bytes: int = 0, log: bool = False,
+          **options) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
     cfg = TrainConfig(embeddings_dir=str(cache), output_dir=str(workdir / f"run-{res}-{batch}"),
                       pretrained_model_name_or_path=MODEL_ID, train_batch_size=batch, max_train_steps=10**6,
-                      checkpointing_steps=10**6, logging_steps=10**6, validation_steps=0, **options)
+                      checkpointing_steps=10**6, logging_steps=1 if log else 10**6, validation_steps=0, **options)
     cfg.validate()
     trainer_mod.load_transformer = lambda *_args, **_kwargs: random_transformer()  # instead of loading weights
     torch.cuda.reset_peak_memory_stats()  # the peak includes compiling and recording CUDA graphs
@@ -115,8 +118,10 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
     batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
                        lambda b: load_batch(cache, b, pin=True))
     window = trainer_mod._Window(trainer.device)
+    trainer.bar = tqdm(disable=True)  # what Trainer.run would show
     for _ in range(3 if cfg.compile else 2):
         trainer.train_step(batches, window)
+        trainer.maybe_log(window)  # a row each step with `log`, as a default run (--logging_steps 1) writes
     torch.cuda.synchronize()
     whole_run_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -127,18 +132,27 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
         marks[0].record()
         for mark in marks[1:]:
             trainer.train_step(batches, window)
+            trainer.maybe_log(window)
             trainer.maybe_collect_garbage()
             mark.record()
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / steps
     step_s = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
-    loss = window.flush(acc)()["loss"]
+    trainer.settle()  # the last row
+    if not log:  # the mean loss over all steps, warm-up included
+        loss = window.flush(acc)()["loss"]
+    elif acc.is_main_process:  # which writes the log, and prints the row
+        rows = read_jsonl(trainer.out / "logs.jsonl")
+        loss = sum(row["loss"] for row in rows) / len(rows)
+    else:
+        loss = float("nan")
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
                cuda_graphs=trainer.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
                checkpointed_blocks=trainer.checkpointed_blocks,
-               base=cfg.base_model_precision, low_memory=cfg.low_memory, s_per_step=round(sec, 4),
+               base=cfg.base_model_precision, low_memory=cfg.low_memory, logging_steps=1 if log else None,
+               s_per_step=round(sec, 4),
                # per step (under DDP each step waits for the slowest process): the spread between runs of
                # 12 steps was as large as the effects measured (bench/RESULTS.md, session 8)
                step_s_median=round(step_s[len(step_s) // 2], 4), step_s_max=round(step_s[-1], 4),
@@ -173,6 +187,8 @@ def main() -> None:
     ap.add_argument("--gc_steps", type=int, default=50, help="the trainer's --gc_steps (0: Python's automatic GC)")
     ap.add_argument("--attention_backend", choices=["flash", "cudnn"], default="cudnn",
                     help="the trainer's --attention_backend")
+    ap.add_argument("--log", action="store_true", help="write the trainer's log row every step, as a default run "
+                                                       "does (--logging_steps 1); off, no row is written")
     ap.add_argument("--gpu_gib", type=float, default=None,
                     help="act as a GPU of this many GiB (the rest is taken before the trainer starts): shows "
                          "the trainer's choice of blocks to recompute")
@@ -190,7 +206,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:
-                row = bench(res, batch, args.steps, Path(tmp), peak, held, **options)
+                row = bench(res, batch, args.steps, Path(tmp), peak, held, log=args.log, **options)
                 if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: images/s of all processes
                     print(json.dumps(row), flush=True)
 
