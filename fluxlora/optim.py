@@ -80,6 +80,8 @@ class SkippingStep:
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  params: list[torch.Tensor], defer: bool):
         self.optimizer, self.scheduler, self.params, self.defer = optimizer, scheduler, params, defer
+        bnb = type(getattr(optimizer, "optimizer", optimizer)).__module__.startswith("bitsandbytes")  # accelerate wraps
+        self._no_sync = (lambda: without_bitsandbytes_sync(params[0].device)) if bnb else contextlib.nullcontext
         self.pending: list[tuple[int, HostCopy]] = []  # (step, its finite flag and gradient norm)
         self.settled: list[Outcome] = []
 
@@ -98,7 +100,7 @@ class SkippingStep:
         self._optimizer_step()
         with torch.no_grad():
             for tensor, old in zip(tensors, saved):
-                tensor.copy_(torch.where(finite, tensor, old))
+                torch.where(finite, tensor, old, out=tensor)  # in place: no third copy of the state
         self.pending.append((step, HostCopy(finite, grad_norm.float())))
 
     def settle(self) -> list[Outcome]:
@@ -115,9 +117,7 @@ class SkippingStep:
         return outcomes
 
     def _optimizer_step(self) -> None:
-        device = self.params[0].device
-        bnb = type(getattr(self.optimizer, "optimizer", self.optimizer)).__module__.startswith("bitsandbytes")
-        with without_bitsandbytes_sync(device) if bnb else contextlib.nullcontext():
+        with self._no_sync():
             self.optimizer.step()
 
     def _state_tensors(self) -> list[torch.Tensor] | None:

@@ -179,7 +179,7 @@ class Trainer:
                     self.maybe_validate()
                     self.maybe_preview()
                     self.maybe_collect_garbage()
-                self.settle()  # the last step's log row
+                self.settle()  # the last step's outcome and log row, before the bar closes and finish exports
         finally:
             self.bar.close()
             self.stop.restore()
@@ -429,7 +429,6 @@ class Trainer:
             save_lora(path, model, metadata=self.lora_metadata(), state_dict=state)
 
     def finish(self) -> Path:
-        self.settle()
         acc = self.accelerator
         acc.wait_for_everyone()
         lora = self.out / LORA_FILE
