@@ -1,6 +1,7 @@
-"""A graph pass for the compiled blocks: LoRA down projections that read the same input, as one GEMM.
+"""Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
+and the tanh GELU through a sigmoid.
 
-In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's input layer of a
+LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's input layer of a
 single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
 double-stream block read theirs. Each down projection A [r, K] is a skinny GEMM that reads the whole
 activation [tokens, K] for r outputs per token, in the forward and again for its weight gradient in the
@@ -9,9 +10,18 @@ activation once per pass: one GEMM x [tokens, K] @ [A_q; A_k; A_v; ...].T, split
 [tokens, r]. The outputs are the same dot products (summed in one kernel instead of several); autograd
 splits the weight gradient back onto each A, so the LoRA parameters and files are unchanged.
 
-Runs on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): it sees `F.linear` calls
-whose weights are the graph's inputs. Inductor's own `batch_linear_lhs` pass does the same only for
-2-D inputs (FLUX's are [batch, tokens, features]) and groups of five or more.
+Inductor's own `batch_linear_lhs` pass does the same only for 2-D inputs (FLUX's are [batch, tokens,
+features]) and groups of five or more.
+
+The GELU. FLUX's MLPs use GELU's tanh approximation, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
+Inductor computes tanh with libdevice's accurate `tanhf` (a few dozen instructions), once in each kernel that
+reads the activation (the fp8 path's amax and quantization each recompute it) and again in the backward; at
+1024 px the MLP activations are 57 M values per block, so the kernels around them wait on the ALUs, not on
+memory. 0.5 (1 + tanh(u)) = sigmoid(2u) exactly, and Triton's sigmoid is one fast exp and a division: the same
+function, rounded differently in fp32 (~1e-7), far below the bf16 that it is stored in.
+
+Both run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
+`F.linear` and `F.gelu` calls, and autograd derives the backward of what they leave.
 """
 from __future__ import annotations
 
@@ -23,6 +33,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph, Node
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_GELU = (torch._C._nn.gelu, torch.nn.functional.gelu)
+_TWO_SQRT_2_OVER_PI = 2 * (2 / torch.pi) ** 0.5
 
 
 def _example(node: object) -> torch.Tensor | None:
@@ -94,12 +106,34 @@ def fuse_shared_input_linears(graph: Graph) -> int:
     return fused
 
 
-class FuseSharedInputLinears(CustomGraphPass):
-    """`fuse_shared_input_linears` as Inductor's `pre_grad_custom_pass` (with a uuid, so that compiled
-    graphs stay cacheable)."""
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation as x * sigmoid(2u): x [...] -> [...], equal to
+    `F.gelu(x, approximate="tanh")` up to fp32 rounding (computed in fp32, as Inductor computes the original)."""
+    x32 = x.float()
+    return (x32 * torch.sigmoid(_TWO_SQRT_2_OVER_PI * x32 * (1 + 0.044715 * x32 * x32))).to(x.dtype)
+
+
+def gelu_tanh_as_sigmoid(graph: Graph) -> int:
+    """Replace each `gelu(x, approximate="tanh")` by `gelu_tanh(x)`. Returns the number replaced."""
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _GELU and _arg(node, 1, "approximate") == "tanh":
+            with graph.inserting_before(node):
+                new = graph.call_function(gelu_tanh, (node.args[0],))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            replaced += 1
+    return replaced
+
+
+class BlockGraphPasses(CustomGraphPass):
+    """`fuse_shared_input_linears` and `gelu_tanh_as_sigmoid` as Inductor's `pre_grad_custom_pass` (with
+    a uuid, so that compiled graphs stay cacheable)."""
 
     def __call__(self, graph: Graph) -> None:
         fuse_shared_input_linears(graph)
+        gelu_tanh_as_sigmoid(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
@@ -107,4 +141,4 @@ class FuseSharedInputLinears(CustomGraphPass):
 
 # One instance for every compiled block: torch.compile tells backends apart by their options, so a pass
 # object per block would make each of the 57 blocks a different backend, compiled on its own.
-FUSE_SHARED_INPUT_LINEARS = FuseSharedInputLinears()
+BLOCK_GRAPH_PASSES = BlockGraphPasses()

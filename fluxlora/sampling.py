@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from . import fp8
 from .config import MAX_SEQUENCE_LENGTH, ConfigError, SampleConfig
-from .graph_passes import FUSE_SHARED_INPUT_LINEARS
+from .graph_passes import BLOCK_GRAPH_PASSES
 from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
 from .models import DTYPES, attention_backends, load_transformer, unloadable_message
 from .prompts import PromptJob, read_prompts
@@ -150,7 +150,7 @@ def compile_for_sampling(transformer: FluxTransformer2DModel) -> None:
     """diffusers' regional compile (each block type once), with the graph pass that runs the down
     projections of unfused LoRAs on sibling layers (and of several adapters) as one GEMM: 1024 px with
     one LoRA 4.13 -> 4.10 s per image on an H200 (bench/RESULTS.md, session 11)."""
-    transformer.compile_repeated_blocks(fullgraph=True, options={"pre_grad_custom_pass": FUSE_SHARED_INPUT_LINEARS})
+    transformer.compile_repeated_blocks(fullgraph=True, options={"pre_grad_custom_pass": BLOCK_GRAPH_PASSES})
 
 
 def use_loras(pipe: FluxPipeline, fuse: bool) -> None:

@@ -1,11 +1,12 @@
-"""The compiled blocks' graph pass: LoRA down projections that share an input, as one GEMM."""
+"""The compiled blocks' graph passes: LoRA down projections that share an input as one GEMM, the tanh GELU
+through a sigmoid."""
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxlora.graph_passes import fuse_shared_input_linears
+from fluxlora.graph_passes import fuse_shared_input_linears, gelu_tanh, gelu_tanh_as_sigmoid
 
 from .conftest import tiny_lora_transformer
 
@@ -36,10 +37,11 @@ def forward_backward(block: torch.nn.Module, fn, rope) -> tuple[torch.Tensor, to
     return out[1], hidden.grad, grads
 
 
-def captured(block: torch.nn.Module, fused: list[int]):
-    """The block through Dynamo with the pass applied to its graph, run eagerly (no Inductor)."""
+def captured(block: torch.nn.Module, graph_pass, counts: list[int]):
+    """The block through Dynamo with `graph_pass` applied to its graph (its returns in `counts`), run
+    eagerly (no Inductor)."""
     def backend(gm: torch.fx.GraphModule, _inputs):
-        fused.append(fuse_shared_input_linears(gm.graph))
+        counts.append(graph_pass(gm.graph))
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -54,7 +56,7 @@ def test_fused_down_projections_give_the_same_outputs_and_gradients(tiny_flux_de
     block = (transformer.single_transformer_blocks if kind == "single" else transformer.transformer_blocks)[0]
     rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
     fused: list[int] = []
-    out, grad_in, grads = forward_backward(block, captured(block, fused), rope)
+    out, grad_in, grads = forward_backward(block, captured(block, fuse_shared_input_linears, fused), rope)
     ref_out, ref_grad_in, ref_grads = forward_backward(block, block, rope)
     assert fused == [groups]
     torch.testing.assert_close(out, ref_out)
@@ -70,5 +72,36 @@ def test_layers_with_lora_dropout_keep_their_own_projections(tiny_flux_dev):
     transformer = lora_transformer(tiny_flux_dev, dropout=0.1)
     block = transformer.single_transformer_blocks[0]
     fused: list[int] = []
-    forward_backward(block, captured(block, fused), transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3)))
+    forward_backward(block, captured(block, fuse_shared_input_linears, fused), transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3)))
     assert fused == [0]
+
+
+def test_gelu_tanh_is_torchs_tanh_approximation():
+    """x * sigmoid(2u) = 0.5 x (1 + tanh(u)): values and gradients as F.gelu(approximate="tanh") to fp32
+    rounding, over the range where both saturate; bf16 inputs give bf16 outputs."""
+    x = torch.linspace(-12, 12, 100001, dtype=torch.float64)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    x32 = x.float().requires_grad_()
+    out = gelu_tanh(x32)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    out.backward(torch.ones_like(out))
+    x64 = x.clone().requires_grad_()
+    torch.nn.functional.gelu(x64, approximate="tanh").backward(torch.ones_like(x64))
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=0, atol=5e-6)  # 1.08: ~20 fp32 ulps
+    assert gelu_tanh(torch.ones(3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind, gelus", [("single", 1), ("double", 2)])
+def test_gelu_through_a_sigmoid_gives_the_same_outputs_and_gradients(tiny_flux_dev, kind, gelus):
+    """Single blocks: the MLP's activation; double blocks: the image and the text stream's MLPs."""
+    transformer = lora_transformer(tiny_flux_dev)
+    block = (transformer.single_transformer_blocks if kind == "single" else transformer.transformer_blocks)[0]
+    rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
+    replaced: list[int] = []
+    out, grad_in, grads = forward_backward(block, captured(block, gelu_tanh_as_sigmoid, replaced), rope)
+    ref_out, ref_grad_in, ref_grads = forward_backward(block, block, rope)
+    assert replaced == [gelus]
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(grad_in, ref_grad_in)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sample
 from fluxlora.config import DEFAULT_LORA_LAYERS, ConfigError, SampleConfig, parse_config
-from fluxlora.graph_passes import FUSE_SHARED_INPUT_LINEARS
+from fluxlora.graph_passes import BLOCK_GRAPH_PASSES
 from fluxlora.lora_io import convert_lora_file, read_lora, save_lora
 from fluxlora.prompts import PromptJob, read_prompts
 from fluxlora.sampling import load_pipeline, render_jobs, run_sample, use_loras
@@ -324,7 +324,7 @@ def test_compile_gives_every_block_the_shared_input_pass(tiny_flux_dev, loras, m
     blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
     assert [module for module, _ in calls] == blocks
     for _, kwargs in calls:
-        assert kwargs == {"fullgraph": True, "options": {"pre_grad_custom_pass": FUSE_SHARED_INPUT_LINEARS}}
+        assert kwargs == {"fullgraph": True, "options": {"pre_grad_custom_pass": BLOCK_GRAPH_PASSES}}
 
 
 # ---------------------------------------------------------------------------------------------
