@@ -549,3 +549,26 @@ def test_optimizer_steps_one_flat_tensor_behind_the_lora_weights(demo_cache, tin
     start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
     assert all(start <= p.data_ptr() < end for p in lora)  # still views after a run and its checkpoints
     assert any(not torch.equal(p, before[id(p)]) for p in lora if p.shape[1] == 16)  # lora_B [out, rank 16] trained
+
+
+def test_trainer_step_is_the_reference_step_on_the_same_batches(demo_cache, tiny_flux_dev, tmp_path):
+    """bench/bench_quality.py's guard on the CPU: the trainer (flat LoRA tensor, deferred skip decision, its own
+    loss) and diffusers' example step (PEFT's LoRA tensor by tensor, gradient checkpointing) give the same
+    losses and the same LoRA update over the batches the trainer drew."""
+    from bench.bench_quality import compare, reference_path, trainer_path
+
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", optimizer="adamw")
+    run = trainer_path(cfg, steps=6)
+    assert len(run["batches"]) == 6 and len(set(run["losses"])) == 6
+
+    def build() -> torch.nn.Module:
+        return FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
+
+    reference = reference_path(cfg, build, run["batches"], run["init"], torch.device("cpu"))
+    result = compare(run, reference, run["init"])
+    assert result["max_rel_loss_diff"] < 1e-5 and result["lora_update_rel_diff"] < 1e-4, result
+    # not vacuous: the weights moved, and a step with another learning rate is told apart
+    assert all(not torch.equal(reference["final"][n], run["init"][n]) for n in run["init"])
+    other = reference_path(dataclasses.replace(cfg, learning_rate=2 * cfg.learning_rate), build, run["batches"],
+                           run["init"], torch.device("cpu"))
+    assert compare(run, other, run["init"])["lora_update_rel_diff"] > 0.1
