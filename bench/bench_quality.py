@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import tempfile
@@ -65,9 +66,9 @@ def trainer_path(cfg: TrainConfig, steps: int) -> dict:
         return loss
 
     trainer.flow_loss = recording
-    cache = trainer.cache
+    cache, pin = trainer.cache, trainer.device.type == "cuda"
     batches = prefetch(trainer.stream.iterate(0, acc.process_index, acc.num_processes),
-                       lambda b: load_batch(cache, b, pin=trainer.device.type == "cuda"))
+                       lambda b: load_batch(cache, b, pin=pin))
     window = trainer_mod._Window(trainer.device)
     trainer.bar = tqdm(disable=True)
     for _ in range(steps):
@@ -75,7 +76,9 @@ def trainer_path(cfg: TrainConfig, steps: int) -> dict:
     trainer.settle()
     result = dict(losses=[loss.item() for loss in losses], batches=batches_seen, init=init, final=lora_state(model))
     batches.close()  # stops the prefetch thread, which holds the trainer
+    del trainer.flow_loss  # the closure would keep the trainer (and its model) alive past the `del`
     del trainer, batches, model
+    gc.collect()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     if torch.cuda.is_available():
@@ -120,9 +123,7 @@ def reference_path(cfg: TrainConfig, build: Callable[[], torch.nn.Module], batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    result = dict(losses=[loss.item() for loss in losses], final=lora_state(model))
-    del model, optimizer, params
-    return result
+    return dict(losses=[loss.item() for loss in losses], final=lora_state(model))
 
 
 def compare(run: dict, reference: dict, init: State) -> dict:

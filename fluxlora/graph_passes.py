@@ -1,8 +1,8 @@
 """Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
 and the tanh GELU through a sigmoid.
 
-LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's input layer of a
-single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
+LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's
+input layer of a single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
 double-stream block read theirs. Each down projection A [r, K] is a skinny GEMM that reads the whole
 activation [tokens, K] for r outputs per token, in the forward and again for its weight gradient in the
 backward: bound by memory, not FLOPs. Concatenating the siblings' A along their outputs reads the
@@ -14,11 +14,12 @@ Inductor's own `batch_linear_lhs` pass does the same only for 2-D inputs (FLUX's
 features]) and groups of five or more.
 
 The GELU. FLUX's MLPs use GELU's tanh approximation, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
-Inductor computes tanh with libdevice's accurate `tanhf` (a few dozen instructions), once in each kernel that
-reads the activation (the fp8 path's amax and quantization each recompute it) and again in the backward; at
-1024 px the MLP activations are 57 M values per block, so the kernels around them wait on the ALUs, not on
-memory. 0.5 (1 + tanh(u)) = sigmoid(2u) exactly, and Triton's sigmoid is one fast exp and a division: the same
-function, rounded differently in fp32 (~1e-7), far below the bf16 that it is stored in.
+Inductor computes tanh with libdevice's accurate `tanhf` (a few dozen instructions), in each kernel that reads
+the activation (the fp8 path's amax and quantization each recompute it) and again in the backward: 57 M values
+per block at 1024 px. 0.5 (1 + tanh(u)) = sigmoid(2u) exactly, and Triton's sigmoid is one fast exp and a
+division: the same function, rounded differently in fp32 (~1e-7), far below the bf16 it is stored in. On an
+H200 the kernels holding the activation ran 3-30% faster, sample.py's compiled 1024 px image 1.9%
+(bench/RESULTS.md, session 12).
 
 Both run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
 `F.linear` and `F.gelu` calls, and autograd derives the backward of what they leave.

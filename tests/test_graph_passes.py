@@ -72,7 +72,8 @@ def test_layers_with_lora_dropout_keep_their_own_projections(tiny_flux_dev):
     transformer = lora_transformer(tiny_flux_dev, dropout=0.1)
     block = transformer.single_transformer_blocks[0]
     fused: list[int] = []
-    forward_backward(block, captured(block, fuse_shared_input_linears, fused), transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3)))
+    rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
+    forward_backward(block, captured(block, fuse_shared_input_linears, fused), rope)
     assert fused == [0]
 
 
