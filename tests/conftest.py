@@ -73,6 +73,7 @@ def demo_cache(tmp_path_factory, tiny_flux_dev, demo_dir):
                            pretrained_model_name_or_path=str(tiny_flux_dev), resolutions=[64],
                            max_sequence_length=32, validation_prompts_file=str(demo_dir / "validation_prompts.txt"))
     cfg.validate()
+    reset_accelerate()  # first used after a test that left a CUDA Accelerator behind, cpu=True would be refused
     precompute.run(cfg, Accelerator(cpu=True))
     reset_accelerate()
     return out

@@ -468,7 +468,7 @@ def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tiny_flux_dev, monk
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention_backend,checkpointed", [("flash", 0), ("cudnn", 0), ("cudnn", 2)])
 def test_cuda_graphs_train_with_previews_as_eager_does(demo_cache, tiny_flux_dev, tmp_path, monkeypatch,
-                                                       attention_backend, checkpointed):
+                                                       attention_backend, checkpointed, fresh_accelerate):
     """On CUDA, the compiled blocks replayed as CUDA graphs (by default) train, render previews before
     and between steps (no-grad graphs beside the training ones), and log the losses of an eager bf16
     run to bf16 rounding: with flash and with cuDNN attention (whose backward needs
@@ -480,6 +480,7 @@ def test_cuda_graphs_train_with_previews_as_eager_does(demo_cache, tiny_flux_dev
     losses = {}
     for name, options in (("eager", dict(compile=False)), ("graphs", dict(attention_backend=attention_backend))):
         out = tmp_path / name
+        reset_accelerate()
         trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=4,
                                    validation_steps=2, validation_width=64, validation_height=48,
                                    validation_inference_steps=2, optimizer="adamw", mixed_precision="bf16", **options))
