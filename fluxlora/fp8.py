@@ -41,7 +41,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x @ W.T with x quantized per row and W given as (W_q [N, K], scale [N, 1]).
+    """y = x @ W.T + b with x quantized per row, W given as (W_q [N, K], scale [N, 1]) and b [N] or None.
 
     The backward needs W [N, K] as the right-hand, column-major operand, i.e. W.T row-major: given
     as `weight_t` (its own per-row quantization of W.T [K, N]); without it (low memory) the backward
@@ -50,14 +50,16 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                weight_t: torch.Tensor | None, weight_t_scale: torch.Tensor | None) -> torch.Tensor:
+                weight_t: torch.Tensor | None, weight_t_scale: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
         q, scale = quantize_rows(x)
         ctx.save_for_backward(weight, weight_scale, weight_t, weight_t_scale)
         # Hopper's fast accumulation in the forward, as torchao's fp8 training does (its backward keeps the
         # periodic promotion to fp32, as ours does): 0.342 -> 0.332 s per 1024 px step on an H100, the
-        # same loss (bench/RESULTS.md, session 9)
-        return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=x.dtype,
-                                use_fast_accum=True)
+        # same loss (bench/RESULTS.md, session 9). The bias in the GEMM's epilogue: the output is whole when
+        # written, so a LoRA's up projection can add itself to it in its own GEMM (graph_passes)
+        return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.t(), bias=bias,
+                                out_dtype=x.dtype, use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad [M, N] -> grad_x [M, K]
@@ -68,7 +70,7 @@ class _Fp8Matmul(torch.autograd.Function):
                                       out_dtype=grad.dtype)
         else:
             grad_x = grad @ dequantize(weight, weight_scale, grad.dtype)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -105,9 +107,9 @@ class Fp8Linear(nn.Module):
             weight = dequantize(self.weight_fp8, self.weight_scale, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), weight, self.bias)
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = _Fp8Matmul.apply(rows, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale, bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -35,6 +35,8 @@ from torch.fx import Graph, Node
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _GELU = (torch._C._nn.gelu, torch.nn.functional.gelu)
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
 _TWO_SQRT_2_OVER_PI = 2 * (2 / torch.pi) ** 0.5
 
 
@@ -107,6 +109,68 @@ def fuse_shared_input_linears(graph: Graph) -> int:
     return fused
 
 
+def _lora_up(node: object) -> tuple[Node, Node, float] | None:
+    """For `linear(h, B) * s` or `linear(h, B)` with B [N, r] a bias-free graph input, 4 r <= N (a LoRA up
+    projection) and s a number: (h, B, s), else None."""
+    scale = 1.0
+    if (isinstance(node, Node) and node.op == "call_function" and node.target in _MUL and len(node.users) == 1
+            and len(node.args) == 2):
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        tensors = [a for a in node.args if isinstance(a, Node)]
+        if len(numbers) != 1 or len(tensors) != 1:
+            return None
+        scale, node = float(numbers[0]), tensors[0]
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _LINEAR or len(node.users) != 1:
+        return None
+    h, weight = node.args[0], _arg(node, 1, "weight")
+    w = _example(weight)
+    if (_arg(node, 2, "bias") is not None or not isinstance(h, Node) or w is None or w.dim() != 2
+            or weight.op not in ("placeholder", "get_attr") or 4 * w.shape[1] > w.shape[0]):
+        return None
+    return h, weight, scale
+
+
+def lora_up_into_base_output(graph: Graph) -> int:
+    """Replace each `result + linear(h, B) * s` (a LoRA layer's output: the base layer's plus its up
+    projection) by one `addmm(result, h, B.T, alpha=s)`. Returns the number replaced.
+
+    result [..., N], h [..., r], B [N, r] -> [..., N]: the GEMM reads the base output as its C operand and
+    writes the sum, instead of writing the up projection for an elementwise kernel to read back beside the
+    base output (3 passes over [..., N] instead of 4, and one rounding to bf16 instead of two).
+    """
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2 or node.kwargs:
+            continue
+        for base, lora in (node.args, node.args[::-1]):
+            up = _lora_up(lora)
+            base_value, out_value = _example(base), _example(node)
+            if up is None or base_value is None or out_value is None:
+                continue
+            h, weight, scale = up
+            h_value = _example(h)
+            # same shape and dtype as the sum (no broadcast, no promotion): addmm computes exactly the sum
+            if (h_value is None or base_value.shape != out_value.shape or base_value.dtype != out_value.dtype
+                    or h_value.dtype != out_value.dtype):
+                continue
+            # the mul (if any) and the linear it replaces, consumers first; erase_node clears a node's args
+            dead = [lora] + [a for a in lora.args if isinstance(a, Node) and a.target in _LINEAR]
+            with graph.inserting_before(node):
+                base_2d = graph.call_method("reshape", (base, -1, base_value.shape[-1]))
+                h_2d = graph.call_method("reshape", (h, -1, h_value.shape[-1]))
+                weight_t = graph.call_method("t", (weight,))
+                out_2d = graph.call_function(torch.addmm, (base_2d, h_2d, weight_t), {"alpha": scale})
+                out = graph.call_method("view_as", (out_2d, base))
+            out.meta.update(node.meta)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            for unused in dead:
+                graph.erase_node(unused)
+            replaced += 1
+            break
+    return replaced
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU's tanh approximation as x * sigmoid(2u): x [...] -> [...], equal to
     `F.gelu(x, approximate="tanh")` up to fp32 rounding (computed in fp32, as Inductor computes the original)."""
@@ -134,6 +198,7 @@ class BlockGraphPasses(CustomGraphPass):
 
     def __call__(self, graph: Graph) -> None:
         fuse_shared_input_linears(graph)
+        lora_up_into_base_output(graph)
         gelu_tanh_as_sigmoid(graph)
 
     def uuid(self) -> bytes:
