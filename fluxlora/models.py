@@ -167,7 +167,7 @@ def checkpoint_blocks(transformer: FluxTransformer2DModel, count: int) -> None:
 
 def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = False, checkpointed: int = 0) -> None:
     """Regional torch.compile: each block compiled on its own, one graph per block type reused 19/38
-    times, the LoRA down projections of layers that share an input as one GEMM (graph_passes). With
+    times, rewritten by graph_passes (LoRA projections with fewer GEMM passes, GELU through a sigmoid). With
     `cuda_graphs`, each block's kernels replay as a CUDA graph (reduce-overhead mode), except the first
     `checkpointed` blocks (see checkpoint_blocks): their recomputation in the backward frees
     inputs that a graph recording cannot follow. Every forward of the transformer starts a new round of
