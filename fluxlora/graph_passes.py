@@ -57,17 +57,24 @@ def _arg(node: Node, index: int, name: str) -> object:
     return node.kwargs.get(name, node.args[index] if len(node.args) > index else None)
 
 
-def _skinny_linear_input(node: Node) -> Node | None:
-    """The input of a bias-free `linear(x, W)` whose W [N, K] is an input of the graph with N <= K / 4
-    (a LoRA down projection), else None."""
-    if node.op != "call_function" or node.target not in _LINEAR:
+def _graph_weight_linear(node: object) -> tuple[Node, Node, torch.Tensor] | None:
+    """(x, W's node, W's example) of a bias-free `linear(x, W)` whose 2-D W is an input of the graph (a
+    parameter, as LoRA's are), else None."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _LINEAR:
         return None
     x, weight = node.args[0], _arg(node, 1, "weight")
     w = _example(weight)
-    if (_arg(node, 2, "bias") is not None or w is None or weight.op not in ("placeholder", "get_attr") or w.dim() != 2
-            or 4 * w.shape[0] > w.shape[1]):
+    if (_arg(node, 2, "bias") is not None or not isinstance(x, Node) or w is None or w.dim() != 2
+            or weight.op not in ("placeholder", "get_attr")):
         return None
-    return x if isinstance(x, Node) else None
+    return x, weight, w
+
+
+def _skinny_linear_input(node: Node) -> Node | None:
+    """The input of a bias-free `linear(x, W)` whose W [N, K] is an input of the graph with N <= K / 4
+    (a LoRA down projection), else None."""
+    found = _graph_weight_linear(node)
+    return found[0] if found is not None and 4 * found[2].shape[0] <= found[2].shape[1] else None
 
 
 def _source(x: Node) -> tuple:
@@ -127,14 +134,10 @@ def _lora_up(node: object) -> tuple[Node, Node, float, list[Node]] | None:
             return None
         nodes.append(node)
         scale, node = float(numbers[0]), tensors[0]
-    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _LINEAR or len(node.users) != 1:
+    found = _graph_weight_linear(node)
+    if found is None or len(node.users) != 1 or 4 * found[2].shape[1] > found[2].shape[0]:
         return None
-    h, weight = node.args[0], _arg(node, 1, "weight")
-    w = _example(weight)
-    if (_arg(node, 2, "bias") is not None or not isinstance(h, Node) or w is None or w.dim() != 2
-            or weight.op not in ("placeholder", "get_attr") or 4 * w.shape[1] > w.shape[0]):
-        return None
-    return h, weight, scale, nodes + [node]
+    return found[0], found[1], scale, nodes + [node]
 
 
 def lora_up_into_base_output(graph: Graph) -> int:
@@ -150,9 +153,9 @@ def lora_up_into_base_output(graph: Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2 or node.kwargs:
             continue
+        out_value = _example(node)
         for base, lora in (node.args, node.args[::-1]):
-            up = _lora_up(lora)
-            base_value, out_value = _example(base), _example(node)
+            up, base_value = _lora_up(lora), _example(base)
             if up is None or base_value is None or out_value is None:
                 continue
             h, weight, scale, dead = up
