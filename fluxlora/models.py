@@ -13,7 +13,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from .config import ConfigError
-from .graph_passes import BLOCK_GRAPH_PASSES
+from .graph_passes import BLOCK_COMPILE_OPTIONS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -184,7 +184,7 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
         # that found its graphs in Inductor's on-disk cache crashed loading them (torch 2.11, bench/RESULTS.md
         # session 11), and that cache outlives runs on a machine.
         block.compile(fullgraph=True, options={"triton.cudagraphs": cuda_graphs and index >= checkpointed,
-                                               "pre_grad_custom_pass": BLOCK_GRAPH_PASSES})
+                                               **BLOCK_COMPILE_OPTIONS})
     if cuda_graphs:
         transformer.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 

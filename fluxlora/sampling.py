@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from . import fp8
 from .config import MAX_SEQUENCE_LENGTH, ConfigError, SampleConfig
-from .graph_passes import BLOCK_GRAPH_PASSES
+from .graph_passes import BLOCK_COMPILE_OPTIONS
 from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
 from .models import DTYPES, attention_backends, load_transformer, unloadable_message
 from .prompts import PromptJob, read_prompts
@@ -147,10 +147,10 @@ def load_pipeline(cfg: SampleConfig, device: torch.device) -> FluxPipeline:
 
 
 def compile_for_sampling(transformer: FluxTransformer2DModel) -> None:
-    """diffusers' regional compile (each block type once), with the graph pass that runs the down
-    projections of unfused LoRAs on sibling layers (and of several adapters) as one GEMM: 1024 px with
-    one LoRA 4.13 -> 4.10 s per image on an H200 (bench/RESULTS.md, session 11)."""
-    transformer.compile_repeated_blocks(fullgraph=True, options={"pre_grad_custom_pass": BLOCK_GRAPH_PASSES})
+    """diffusers' regional compile (each block type once), with the blocks' graph passes as in training
+    (graph_passes): among them, the down projections of unfused LoRAs on sibling layers (and of several
+    adapters) as one GEMM: 1024 px with one LoRA 4.13 -> 4.10 s per image on an H200 (bench/RESULTS.md, session 11)."""
+    transformer.compile_repeated_blocks(fullgraph=True, options=BLOCK_COMPILE_OPTIONS)
 
 
 def use_loras(pipe: FluxPipeline, fuse: bool) -> None:

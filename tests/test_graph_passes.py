@@ -1,14 +1,19 @@
-"""The compiled blocks' graph passes: LoRA down projections that share an input as one GEMM, the tanh GELU
-through a sigmoid."""
+"""The compiled blocks' graph passes: LoRA down projections that share an input as one GEMM, LoRA up projections
+added inside their own GEMM, the tanh GELU through a sigmoid; after autograd, those GEMMs in place and one
+fp8 quantization per shared input."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from torch._inductor.utils import run_and_get_code
 
-from fluxlora.graph_passes import fuse_shared_input_linears, gelu_tanh, gelu_tanh_as_sigmoid, lora_up_into_base_output
+from fluxlora import fp8
+from fluxlora.graph_passes import (BLOCK_COMPILE_OPTIONS, BLOCK_GRAPH_PASSES, fuse_shared_input_linears, gelu_tanh,
+                                   gelu_tanh_as_sigmoid, lora_up_into_base_output)
 
 from .conftest import tiny_lora_transformer
 
@@ -139,3 +144,46 @@ def test_lora_up_into_base_output_gives_the_same_outputs_and_gradients(tiny_flux
     for name, fused, unfused, fp32 in pairs:
         fused_err, unfused_err = ((t.float() - fp32).abs().max().item() for t in (fused, unfused))
         assert fused_err <= 2 * unfused_err + 2e-3 * fp32.abs().max().item(), (name, fused_err, unfused_err)
+
+
+@pytest.mark.parametrize("kind, layers, fp8_inputs", [("single", 5, 2), ("double", 12, 8)])
+def test_post_grad_passes_add_in_place_and_quantize_each_input_once(tiny_flux_dev, kind, layers, fp8_inputs):
+    """Inductor (on the CPU) with the fp8 base: each LoRA layer's addmm writes into its base output instead of a
+    copy of it, and each distinct input of the forward's fp8 GEMMs is quantized into one e4m3 buffer (single
+    blocks: the normed input of q, k, v and proj_mlp, and proj_out's; double blocks: each stream's normed input
+    of its q, k, v, and the other layers' own), with the same outputs and gradients as without these passes."""
+    transformer = lora_transformer(tiny_flux_dev)
+    fp8.quantize_blocks(transformer, torch.device("cpu"))
+    block = (transformer.single_transformer_blocks if kind == "single" else transformer.transformer_blocks)[0]
+    rope = transformer.pos_embed(torch.zeros(TOKENS + TEXT_TOKENS, 3))
+    results, forward_code = {}, {}
+    for options in ({"pre_grad_custom_pass": BLOCK_GRAPH_PASSES}, BLOCK_COMPILE_OPTIONS):
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, options=options)
+        results[len(options)], code = run_and_get_code(forward_backward, block, compiled, rope)
+        forward_code[len(options)] = code[0]
+    assert forward_code[2].count("torch.ops.aten.addmm_.default(") == layers  # every layer has a LoRA
+    quantized = re.findall(r"_scaled_mm\((\w+), ", forward_code[2])  # the e4m3 buffer each fp8 GEMM reads
+    assert len(quantized) == layers and len(set(quantized)) == fp8_inputs
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results[2], results[1]
+    assert torch.equal(out, ref_out) and torch.equal(grad_in, ref_grad_in) and grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_addmm_in_place_only_where_nothing_else_reads_its_input():
+    """`c = a @ b` read again after `addmm(c, h, w)` must keep its values: that addmm stays out of place."""
+    def read_again(a, b, h, w):
+        c = a @ b
+        return torch.addmm(c, h, w) * 2 + c
+
+    def read_once(a, b, h, w):
+        return torch.addmm(a @ b, h, w) * 2
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, h, w = (torch.randn(shape, generator=gen) for shape in ((32, 16), (16, 24), (32, 4), (4, 24)))
+    for fn, in_place in ((read_again, False), (read_once, True)):
+        torch._dynamo.reset()
+        out, (code,) = run_and_get_code(torch.compile(fn, options=BLOCK_COMPILE_OPTIONS), a, b, h, w)
+        torch.testing.assert_close(out, fn(a, b, h, w))
+        assert ("aten.addmm_.default(" in code) == in_place, fn.__name__

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import sample
 from fluxlora.config import DEFAULT_LORA_LAYERS, ConfigError, SampleConfig, parse_config
-from fluxlora.graph_passes import BLOCK_GRAPH_PASSES
+from fluxlora.graph_passes import BLOCK_COMPILE_OPTIONS
 from fluxlora.lora_io import convert_lora_file, read_lora, save_lora
 from fluxlora.prompts import PromptJob, read_prompts
 from fluxlora.sampling import load_pipeline, render_jobs, run_sample, use_loras
@@ -313,10 +313,10 @@ def test_batches_give_each_prompt_its_batch_of_one_image(tiny_flux_dev, accelera
     assert np.abs(np.asarray(single[0], dtype=np.int16) - np.asarray(single[2], dtype=np.int16)).mean() > 5
 
 
-def test_compile_gives_every_block_the_shared_input_pass(tiny_flux_dev, loras, monkeypatch, accelerator):
-    """--compile: diffusers' regional compile of each block, with the pass that runs the unfused LoRAs'
-    sibling down projections as one GEMM (tests/test_graph_passes.py checks the pass itself). torch.compile
-    is stubbed: the options are what is checked."""
+def test_compile_gives_every_block_the_graph_passes(tiny_flux_dev, loras, monkeypatch, accelerator):
+    """--compile: diffusers' regional compile of each block, with the training's graph passes (among them the
+    one that runs the unfused LoRAs' sibling down projections as one GEMM; tests/test_graph_passes.py checks the
+    passes themselves). torch.compile is stubbed: the options are what is checked."""
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
     pipe = load_pipeline(make_cfg(tiny_flux_dev, "unused", lora=[loras["a"]], compile=True), accelerator.device)
@@ -324,7 +324,7 @@ def test_compile_gives_every_block_the_shared_input_pass(tiny_flux_dev, loras, m
     blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
     assert [module for module, _ in calls] == blocks
     for _, kwargs in calls:
-        assert kwargs == {"fullgraph": True, "options": {"pre_grad_custom_pass": BLOCK_GRAPH_PASSES}}
+        assert kwargs == {"fullgraph": True, "options": BLOCK_COMPILE_OPTIONS}
 
 
 # ---------------------------------------------------------------------------------------------
