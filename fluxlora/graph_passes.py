@@ -1,5 +1,6 @@
 """Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
-each LoRA up projection added to its base output inside its own GEMM, and the tanh GELU through a sigmoid.
+each LoRA up projection added to its base output inside its own GEMM, and the tanh GELU through a sigmoid;
+after autograd, that GEMM in place and one fp8 quantization per shared input.
 
 LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's
 input layer of a single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
@@ -16,8 +17,9 @@ features]) and groups of five or more.
 LoRA up projections. PEFT computes a LoRA layer as `result + B(A(x)) * s`: the base GEMM writes `result`
 [tokens, N], the up projection's GEMM writes `B(A(x))` [tokens, N], and an elementwise kernel reads both to write
 the sum (4 passes over [tokens, N]; 80 us per single block for the MLP's input layer at 1024 px on an H200).
-`addmm(result, A(x), B.T, alpha=s)` has cuBLAS read `result` as its C operand and write the sum (2 passes, one
-bf16 rounding instead of two): 2.4-3.3 ms per 1024 px step with the fp8 base, 3.1-6.2 ms in bf16 (session 13).
+`addmm(result, A(x), B.T, alpha=s)` has cuBLAS read `result` as its C operand and write the sum, one bf16 rounding
+instead of two, and, once run in place (`addmm_in_place` below), 2 passes: 2.4-3.3 ms per 1024 px step with the fp8
+base and 3.1-6.2 ms in bf16 (session 13), then 6.1 and 4.2 ms more in place (session 14).
 
 The GELU. FLUX's MLPs use GELU's tanh approximation, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
 Inductor computes tanh with libdevice's accurate `tanhf` (a few dozen instructions), in each kernel that reads
@@ -35,6 +37,7 @@ how Inductor lowers GEMMs, not what is computed:
 - An addmm whose C operand is a GEMM output read by nothing else runs in place (`addmm_`). Inductor gives
   addmm a new output buffer, and ATen then copies C into it before cuBLAS adds the product: one memcpy of
   [tokens, N] per LoRA layer after the up-projection pass (418 per step, 6.5 ms of a 1024 px fp8 step on an H200).
+  Its readers then read C, so that Inductor orders them after the write.
 - A tensor that several `_scaled_mm` read (one fp8 quantization of q, k, v and the MLP's shared input) is
   materialised once. `_scaled_mm` needs exact strides, and Inductor meets that for an input still pending as
   a fused elementwise expression (the e4m3 cast) by writing a copy per GEMM: four e4m3 copies of a single
