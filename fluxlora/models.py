@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -165,6 +166,22 @@ def checkpoint_blocks(transformer: FluxTransformer2DModel, count: int) -> None:
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=run)
 
 
+def _outputs_of_their_own(forward: Any) -> Any:
+    """A single-stream block's forward whose two outputs are tensors of their own, not slices of one.
+
+    diffusers' single block returns its text and image tokens as two slices of one [batch, tokens, dim]
+    tensor. Compiled, AOTAutograd rebuilds such views outside the graph, so their backward runs eagerly:
+    a zero-filled full-size gradient for each slice, then their sum, in every single block (a 1024 px step's
+    profile has 77 fills and 40 adds of that size outside the compiled graphs, 1.5 ms on an H200;
+    bench/RESULTS.md session 14). Cloned inside the compiled
+    graph they are its outputs (Inductor still writes one buffer), and their gradients go into the compiled
+    backward as they are."""
+    @functools.wraps(forward)
+    def own_outputs(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in forward(*args, **kwargs))
+    return own_outputs
+
+
 def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = False, checkpointed: int = 0) -> None:
     """Regional torch.compile: each block compiled on its own, one graph per block type reused 19/38
     times, rewritten by graph_passes (LoRA projections with fewer GEMM passes, GELU through a sigmoid). With
@@ -178,6 +195,8 @@ def compile_blocks(transformer: FluxTransformer2DModel, cuda_graphs: bool = Fals
     # checkpoint's recomputation, graphs or not. Dynamo's default limit of 8 was hit on the tiny model
     # with recomputed blocks and previews, which fullgraph=True turns into an error.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in transformer.single_transformer_blocks:
+        block.forward = _outputs_of_their_own(block.forward)
     for index, block in enumerate(flux_blocks(transformer)):
         # options instead of a mode ("reduce-overhead" is `triton.cudagraphs`): torch.compile takes one or the
         # other. Not `triton.multi_kernel`: 3.5-4.4 ms faster per 1024 px step on an H200, but a second run

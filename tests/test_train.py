@@ -403,6 +403,34 @@ def test_compile_blocks_keeps_graphs_off_recomputed_blocks_and_marks_each_forwar
     assert [kwargs["options"]["triton.cudagraphs"] for _, kwargs in calls] == [False] * len(blocks)
 
 
+def test_compiled_single_blocks_hand_their_outputs_to_the_compiled_backward(tiny_flux_dev):
+    """diffusers' single block returns two slices of one tensor, whose backward would run eagerly outside the
+    compiled graphs (a zero-filled full-size gradient per slice, then their sum). compile_blocks makes them
+    outputs of their own (not views), with the eager model's prediction and LoRA gradients."""
+    from fluxlora.models import compile_blocks
+
+    model, lora = tiny_lora_transformer(tiny_flux_dev)
+    for param in lora:  # B is zero at init: A's gradients would be zero too
+        torch.nn.init.normal_(param, std=0.1)
+
+    def prediction_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = tiny_forward(model, torch.Generator().manual_seed(0))
+        (out.float() ** 2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in lora]
+
+    ref, ref_grads = prediction_and_grads()
+    outputs = []
+    model.single_transformer_blocks[0].register_forward_hook(lambda module, args, out: outputs.extend(out))
+    torch._dynamo.reset()
+    compile_blocks(model)
+    out, grads = prediction_and_grads()
+    assert len(outputs) == 2 and all(t._base is None for t in outputs)  # diffusers' are views: `_base` is set
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_warm_guards_skip_checks_only_for_shapes_already_run():
     """WarmGuards: a shape that ran before skips Dynamo's guard checks, and gets its own compiled variant's
     result; a new shape runs with full guards, so it compiles (with the checks skipped, Dynamo would refuse to
