@@ -267,20 +267,24 @@ def one_copy_per_scaled_mm_input(graph: Graph) -> int:
     return shared
 
 
-class BlockGraphPasses(CustomGraphPass):
+class _PassesOfThisFile(CustomGraphPass):
+    """A custom pass whose uuid is this file's hash, so that compiled graphs stay cacheable and change with it."""
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+class BlockGraphPasses(_PassesOfThisFile):
     """`fuse_shared_input_linears`, `lora_up_into_base_output` and `gelu_tanh_as_sigmoid` as Inductor's
-    `pre_grad_custom_pass` (with a uuid, so that compiled graphs stay cacheable)."""
+    `pre_grad_custom_pass`."""
 
     def __call__(self, graph: Graph) -> None:
         fuse_shared_input_linears(graph)
         lora_up_into_base_output(graph)
         gelu_tanh_as_sigmoid(graph)
 
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
 
-
-class BlockPostGradPasses(BlockGraphPasses):
+class BlockPostGradPasses(_PassesOfThisFile):
     """`addmm_in_place` and `one_copy_per_scaled_mm_input` as Inductor's `post_grad_custom_post_pass`."""
 
     def __call__(self, graph: Graph) -> None:

@@ -173,9 +173,8 @@ def _outputs_of_their_own(forward: Any) -> Any:
     tensor. Compiled, AOTAutograd rebuilds such views outside the graph, so their backward runs eagerly:
     a zero-filled full-size gradient for each slice, then their sum, in every single block (a 1024 px step's
     profile has 77 fills and 40 adds of that size outside the compiled graphs, 1.5 ms on an H200;
-    bench/RESULTS.md session 14). Cloned inside the compiled
-    graph they are its outputs (Inductor still writes one buffer), and their gradients go into the compiled
-    backward as they are."""
+    bench/RESULTS.md session 14). Cloned inside the compiled graph they are its outputs (Inductor still
+    writes one buffer), and their gradients go into the compiled backward as they are."""
     @functools.wraps(forward)
     def own_outputs(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(t.clone() for t in forward(*args, **kwargs))
