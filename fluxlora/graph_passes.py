@@ -1,6 +1,7 @@
 """Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
-each LoRA up projection added to its base output inside its own GEMM, and the tanh GELU through a sigmoid;
-after autograd, that GEMM in place and one fp8 quantization per shared input.
+each LoRA up projection added to its base output inside a GEMM, and the tanh GELU through a sigmoid;
+after autograd, sums of GEMM outputs accumulated in the large GEMMs' epilogues, in place, and one fp8
+quantization per shared input.
 
 LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's
 input layer of a single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
@@ -32,8 +33,15 @@ H200 the kernels holding the activation ran 3-30% faster, sample.py's compiled 1
 These run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
 `F.linear` and `F.gelu` calls, and autograd derives the backward of what they leave.
 
-Two more run on the forward and backward graphs after autograd (`post_grad_custom_post_pass`), where they fix
-how Inductor lowers GEMMs, not what is computed:
+Four more run on the forward and backward graphs after autograd (`post_grad_custom_post_pass`), where they
+change how the GEMMs add their terms and how Inductor lowers them, not what is computed:
+- With a bf16 base, each LoRA up projection goes before its base GEMM, which adds it in its epilogue
+  (`lora_up_before_base`): a GEMM bound by FLOPs reads an addend at no visible cost, where the skinny up
+  projection, bound by memory, would read and write [tokens, N] to add into the base output.
+- In the backward, an input's gradient summed over the layers that read it (a single block's q, k, v, MLP and
+  LoRA down projection) is accumulated by the base layers' GEMMs in their epilogues, the LoRA's first
+  (`sums_into_large_gemms`), instead of each GEMM writing its term for an elementwise kernel to read them all.
+  The fp8 base's `_scaled_mm` takes no addend, so these two change the bf16 (and low-memory fp8) path only.
 - An addmm whose C operand is a GEMM output read by nothing else runs in place (`addmm_`). Inductor gives
   addmm a new output buffer, and ATen then copies C into it before cuBLAS adds the product: one memcpy of
   [tokens, N] per LoRA layer after the up-projection pass (418 per step, 6.5 ms of a 1024 px fp8 step on an H200).
@@ -219,34 +227,183 @@ def gelu_tanh_as_sigmoid(graph: Graph) -> int:
     return replaced
 
 
-def _only_reader_of_a_gemm_output(node: object) -> bool:
-    """Whether `node` is, through views only, the output of a GEMM that nothing else reads (in the aten
-    graph after autograd): the one reader may then overwrite it."""
+def _gemm_behind(node: object) -> Node | None:
+    """The GEMM whose output `node` is, through views only, when nothing else reads that output (in the aten
+    graph after autograd): its one reader may then overwrite it. Else None."""
     while isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1:
         if node.target in _GEMMS:
-            return True
+            return node
         if node.target not in _VIEWS:
-            return False
+            return None
         node = node.args[0]
-    return False
+    return None
+
+
+def _inner(gemm: Node) -> int:
+    """The length of a GEMM's dot products: K of its [M, K] left operand."""
+    return gemm.args[1 if gemm.target == aten.addmm.default else 0].meta["val"].shape[1]
+
+
+def _big_enough(gemm: Node, small: Node) -> bool:
+    """Whether `gemm` does enough work per output to read an addend in its epilogue for free, beside `small`
+    (whose addend it would read): a base layer's K beside a LoRA's rank."""
+    return _inner(gemm) >= 4 * _inner(small)
+
+
+def _plain_addmm(node: Node) -> bool:
+    """addmm(C, a, b) with beta = alpha = 1."""
+    return node.target == aten.addmm.default and node.kwargs.get("alpha", 1) == 1 and node.kwargs.get("beta", 1) == 1
+
+
+def _erase_unused(nodes: list[Node]) -> None:
+    """Erase those of `nodes` that nothing reads any more, and then what only they read among `nodes`."""
+    pending = [n for n in nodes if n.graph is not None]
+    while pending:
+        unused = [n for n in pending if not n.users]
+        if not unused:
+            return
+        for node in unused:
+            node.graph.erase_node(node)
+            pending.remove(node)
+
+
+def _view_chain(node: Node) -> list[Node]:
+    """`node` and the views it reads, down to (not including) the GEMM behind them."""
+    chain = []
+    while node.target in _VIEWS:
+        chain.append(node)
+        node = node.args[0]
+    return chain
+
+
+def lora_up_before_base(graph: Graph) -> int:
+    """Swap each `addmm(base, h, B.T, alpha=s)` (a LoRA up projection adding into its base layer's output, from
+    the pre-grad pass) whose base is a bf16 `mm(x, W.T)` or `addmm(bias, x, W.T)` that nothing else reads for
+    `addmm(addmm(bias, h, B.T, alpha=s), x, W.T)`: the up projection first, then the base GEMM adding it in its
+    epilogue. Returns the number swapped.
+
+    The same sum; but the skinny up projection [M, r] @ [r, N] is bound by memory, and as the second GEMM it reads
+    and writes [M, N] (in place) where as the first it only writes it. The base GEMM, bound by FLOPs, reads its
+    addend at no visible cost. The fp8 base (`_scaled_mm`) takes no addend: its layers keep the order.
+    """
+    swapped = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.addmm.default or node.kwargs.get("beta", 1) != 1:
+            continue
+        base = _gemm_behind(node.args[0])
+        if (base is None or not (base.target == aten.mm.default or _plain_addmm(base))
+                or base.meta["val"].shape != node.meta["val"].shape or not _big_enough(base, node)):
+            continue
+        if base.target == aten.addmm.default and base.args[0].meta["val"].dim() != 1:
+            continue  # a bias is 1-D; another C is not this pattern
+        x, weight_t = base.args[-2:]
+        h, up_t = node.args[1:3]
+        scale = node.kwargs.get("alpha", 1)
+        with graph.inserting_before(node):
+            if base.target == aten.addmm.default:  # bias + s h B.T, then + x W.T
+                up = graph.call_function(aten.addmm.default, (base.args[0], h, up_t), {"alpha": scale})
+                out = graph.call_function(aten.addmm.default, (up, x, weight_t))
+            else:  # h B.T, then s (h B.T) + x W.T
+                up = graph.call_function(aten.mm.default, (h, up_t))
+                out = graph.call_function(aten.addmm.default, (up, x, weight_t), {"beta": scale})
+        up.meta["val"] = node.meta["val"]
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        dead = [node, *_view_chain(node.args[0]), base]
+        graph.erase_node(node)
+        _erase_unused(dead[1:])
+        swapped += 1
+    return swapped
+
+
+def _is_add(node: object) -> bool:
+    """A two-tensor `add` without broadcasting or a scale."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.add.Tensor
+            and len(node.args) == 2 and not node.kwargs and all(isinstance(a, Node) for a in node.args)):
+        return False
+    out = node.meta.get("val")
+    return all(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].shape == out.shape
+               and a.meta["val"].dtype == out.dtype for a in node.args)
+
+
+def _sum_terms(root: Node) -> tuple[list[Node], list[Node]]:
+    """The terms of the sum that `root` ends (its adds that nothing else reads, flattened) and those adds."""
+    terms, adds, stack = [], [root], list(root.args)
+    while stack:
+        node = stack.pop(0)
+        if _is_add(node) and len(node.users) == 1:
+            adds.append(node)
+            stack = list(node.args) + stack
+        else:
+            terms.append(node)
+    return terms, adds
+
+
+def sums_into_large_gemms(graph: Graph) -> int:
+    """Rewrite each sum of GEMM outputs (a backward's gradient for an input that several layers read: the base
+    layers' `mm(grad, W)` and the LoRA's `mm(grad_h, A)`) as a chain of addmms: the GEMM with the shortest dot
+    products (the LoRA's) first, then each `mm` with 4x longer ones adding the running sum in its epilogue. What
+    the sum had beside (other terms) is added after. Returns the number of sums rewritten.
+
+    Before, each GEMM wrote its [M, K] and one elementwise kernel read them all; after, the big GEMMs read their
+    addend where they are bound by FLOPs, and one tensor is left to read. Each addmm rounds to bf16, as eager
+    autograd's accumulation does. With the fp8 base the big GEMMs are `_scaled_mm`, which take no addend: unchanged.
+    """
+    rewritten = 0
+    for root in list(graph.nodes):
+        if not _is_add(root) or (len(root.users) == 1 and _is_add(next(iter(root.users)))):
+            continue  # not an add, or inside a larger sum
+        terms, adds = _sum_terms(root)
+        if len(set(terms)) != len(terms):
+            continue  # a term added twice: left as it is
+        gemms = {t: _gemm_behind(t) for t in terms}
+        gemms = {t: g for t, g in gemms.items() if g is not None and g.meta["val"].is_contiguous()}
+        if len(gemms) < 2:
+            continue
+        seed_term = min(gemms, key=lambda t: _inner(gemms[t]))
+        seed = gemms[seed_term]
+        shape = seed.meta["val"].shape
+        absorbed = [t for t, g in gemms.items() if t is not seed_term and g.target == aten.mm.default
+                    and g.meta["val"].shape == shape and _big_enough(g, seed)]
+        if not absorbed:
+            continue
+        with graph.inserting_before(root):
+            total = seed
+            for term in absorbed:
+                total = graph.call_function(aten.addmm.default, (total, *gemms[term].args[:2]))
+                total.meta["val"] = seed.meta["val"]
+            total = graph.call_function(aten.view.default, (total, list(root.meta["val"].shape)))
+            total.meta["val"] = root.meta["val"]
+            for term in terms:
+                if term is not seed_term and term not in absorbed:
+                    total = graph.call_function(aten.add.Tensor, (total, term))
+                    total.meta["val"] = root.meta["val"]
+        root.replace_all_uses_with(total)
+        dead = adds + [n for t in [seed_term, *absorbed] for n in _view_chain(t)] + [gemms[t] for t in absorbed]
+        _erase_unused(dead)
+        rewritten += 1
+    return rewritten
 
 
 def addmm_in_place(graph: Graph) -> int:
     """Replace each `addmm(C, a, b)` whose C [M, N] is a contiguous GEMM output read only by it by
-    `addmm_(C, a, b)`, the same sum written into C's memory. Returns the number replaced."""
-    replaced = 0
+    `addmm_(C, a, b)`, the same sum written into C's memory. Returns the number replaced.
+
+    A chain of them (sums_into_large_gemms) adds into one buffer: each is chosen on the graph as it was."""
+    chosen = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target != aten.addmm.default:
             continue
         c, out = node.args[0], node.meta.get("val")
         c_value = c.meta.get("val") if isinstance(c, Node) else None
         if (c_value is None or out is None or c_value.shape != out.shape or c_value.dtype != out.dtype
-                or not c_value.is_contiguous() or not _only_reader_of_a_gemm_output(c)):
+                or not c_value.is_contiguous() or _gemm_behind(c) is None):
             continue
+        chosen.append(node)
+    for node in chosen:
         node.target = aten.addmm_.default
-        node.replace_all_uses_with(c)  # its readers read C, which now holds the sum
-        replaced += 1
-    return replaced
+        node.replace_all_uses_with(node.args[0])  # its readers read C, which now holds the sum
+    return len(chosen)
 
 
 def one_copy_per_scaled_mm_input(graph: Graph) -> int:
@@ -285,9 +442,12 @@ class BlockGraphPasses(_PassesOfThisFile):
 
 
 class BlockPostGradPasses(_PassesOfThisFile):
-    """`addmm_in_place` and `one_copy_per_scaled_mm_input` as Inductor's `post_grad_custom_post_pass`."""
+    """`lora_up_before_base`, `sums_into_large_gemms`, `addmm_in_place` and `one_copy_per_scaled_mm_input` as
+    Inductor's `post_grad_custom_post_pass`."""
 
     def __call__(self, graph: Graph) -> None:
+        lora_up_before_base(graph)
+        sums_into_large_gemms(graph)
         addmm_in_place(graph)
         one_copy_per_scaled_mm_input(graph)
 
