@@ -70,6 +70,7 @@ _MUL = (operator.mul, torch.mul)
 _TWO_SQRT_2_OVER_PI = 2 * (2 / torch.pi) ** 0.5
 _GEMMS = (aten.mm.default, aten.addmm.default, aten._scaled_mm.default)  # each writes a new tensor
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_CONVERT = torch.ops.prims.convert_element_type.default
 
 
 def _example(node: object) -> torch.Tensor | None:
@@ -268,12 +269,32 @@ def _erase_unused(nodes: list[Node]) -> None:
 
 
 def _view_chain(node: Node) -> list[Node]:
-    """`node` and the views it reads, down to (not including) the GEMM behind them."""
+    """`node` and the views (and widening casts) it reads, down to (not including) the GEMM behind them."""
     chain = []
-    while node.target in _VIEWS:
+    while node.target in _VIEWS or _widens(node):
         chain.append(node)
         node = node.args[0]
     return chain
+
+
+def _widens(node: Node) -> bool:
+    """Whether `node` casts a float tensor to a wider float type (exactly: bf16 to fp32)."""
+    if node.op != "call_function" or node.target != _CONVERT:
+        return False
+    source, out = node.args[0].meta.get("val"), node.meta.get("val")
+    return (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype.is_floating_point
+            and out.dtype.is_floating_point and out.dtype.itemsize > source.dtype.itemsize)
+
+
+def _gemm_term(node: object) -> Node | None:
+    """The GEMM behind a term of a sum, through views and widening casts that nothing else reads, else None."""
+    while isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1:
+        if node.target in _GEMMS:
+            return node
+        if node.target not in _VIEWS and not _widens(node):
+            return None
+        node = node.args[0]
+    return None
 
 
 def lora_up_before_base(graph: Graph) -> int:
@@ -347,7 +368,9 @@ def sums_into_large_gemms(graph: Graph) -> int:
 
     Before, each GEMM wrote its [M, K] and one elementwise kernel read them all; after, the big GEMMs read their
     addend where they are bound by FLOPs, and one tensor is left to read. Each addmm rounds to bf16, as eager
-    autograd's accumulation does. With the fp8 base the big GEMMs are `_scaled_mm`, which take no addend: unchanged.
+    autograd's accumulation does; where the graph sums the terms widened to fp32 (on CUDA, a norm's backward
+    does), the bf16 total is widened once. With the fp8 base the big GEMMs are `_scaled_mm`, which take no addend:
+    unchanged.
     """
     rewritten = 0
     for root in list(graph.nodes):
@@ -356,24 +379,29 @@ def sums_into_large_gemms(graph: Graph) -> int:
         terms, adds = _sum_terms(root)
         if len(set(terms)) != len(terms):
             continue  # a term added twice: left as it is
-        gemms = {t: _gemm_behind(t) for t in terms}
+        gemms = {t: _gemm_term(t) for t in terms}
         gemms = {t: g for t, g in gemms.items() if g is not None and g.meta["val"].is_contiguous()}
         if len(gemms) < 2:
             continue
         seed_term = min(gemms, key=lambda t: _inner(gemms[t]))
         seed = gemms[seed_term]
-        shape = seed.meta["val"].shape
+        value = seed.meta["val"]
         absorbed = [t for t, g in gemms.items() if t is not seed_term and g.target == aten.mm.default
-                    and g.meta["val"].shape == shape and _big_enough(g, seed)]
+                    and g.meta["val"].shape == value.shape and g.meta["val"].dtype == value.dtype
+                    and _big_enough(g, seed)]
         if not absorbed:
             continue
+        out_value = root.meta["val"]
         with graph.inserting_before(root):
             total = seed
             for term in absorbed:
                 total = graph.call_function(aten.addmm.default, (total, *gemms[term].args[:2]))
-                total.meta["val"] = seed.meta["val"]
-            total = graph.call_function(aten.view.default, (total, list(root.meta["val"].shape)))
-            total.meta["val"] = root.meta["val"]
+                total.meta["val"] = value
+            total = graph.call_function(aten.view.default, (total, list(out_value.shape)))
+            total.meta["val"] = value.view(out_value.shape)
+            if out_value.dtype != value.dtype:  # the terms were widened (a norm's backward sums in fp32)
+                total = graph.call_function(_CONVERT, (total, out_value.dtype))
+                total.meta["val"] = out_value
             for term in terms:
                 if term is not seed_term and term not in absorbed:
                     total = graph.call_function(aten.add.Tensor, (total, term))

@@ -239,16 +239,24 @@ def test_lora_up_stays_after_a_base_output_read_elsewhere():
     assert lora_up_before_base(gm.graph) == 0
 
 
-def test_gradient_sums_accumulate_in_the_large_gemms():
+@pytest.mark.parametrize("widened", [False, True])
+def test_gradient_sums_accumulate_in_the_large_gemms(widened):
     """`g1 W1 + gh A + g2 W2 + other` (views of GEMM outputs, as autograd sums an input's gradient) becomes
     `addmm(addmm(gh A, g1, W1), g2, W2) + other`: the skinny GEMM's output is the seed that the large GEMMs
-    add in place; the same values."""
+    add in place. Widened: bf16 terms cast to fp32 and summed there (as CUDA graphs sum a norm's input gradient)
+    become the bf16 chain cast once, each partial sum rounded to bf16 as eager autograd rounds it."""
+    def term(t):
+        t = t.view(2, 16, 24)
+        return torch.ops.prims.convert_element_type(t, torch.float32) if widened else t
+
     def grad_sum(g1, w1, gh, a, g2, w2, other):
-        return ((g1 @ w1).view(2, 16, 24) + (gh @ a).view(2, 16, 24) + (g2 @ w2).view(2, 16, 24) + other) * 3
+        return (term(g1 @ w1) + term(gh @ a) + term(g2 @ w2) + other) * 3
 
     gen = torch.Generator().manual_seed(0)
     shapes = ((32, 64), (64, 24), (32, 4), (4, 24), (32, 96), (96, 24), (2, 16, 24))
     args = [torch.randn(shape, generator=gen) for shape in shapes]
+    if widened:
+        args[:6] = [a.bfloat16() for a in args[:6]]
     gm = aten_graph(grad_sum, *args)
     assert sums_into_large_gemms(gm.graph) == 1 and addmm_in_place(gm.graph) == 2
     gm.graph.lint()
@@ -259,7 +267,13 @@ def test_gradient_sums_accumulate_in_the_large_gemms():
     assert second.args[0] is first.args[0]  # both add into its buffer
     assert {first.args[1], second.args[1]} == {g1, g2}
     assert len(targets(gm, aten.mm.default)) == 1 and len(targets(gm, aten.add.Tensor)) == 1  # + other
-    torch.testing.assert_close(gm(*args), grad_sum(*args))
+    assert len(targets(gm, torch.ops.prims.convert_element_type.default)) == widened
+    if not widened:
+        torch.testing.assert_close(gm(*args), grad_sum(*args))
+        return
+    g1, w1, gh, a, g2, w2, other = args
+    eager = ((torch.addmm(torch.addmm(gh @ a, g1, w1), g2, w2)).view(2, 16, 24).float() + other) * 3
+    torch.testing.assert_close(gm(*args), eager, rtol=0, atol=0)  # bf16 partial sums, as eager rounds them
 
 
 @pytest.mark.parametrize("kind, layers, sums, backward_in_place",
