@@ -228,13 +228,13 @@ def gelu_tanh_as_sigmoid(graph: Graph) -> int:
     return replaced
 
 
-def _gemm_behind(node: object) -> Node | None:
-    """The GEMM whose output `node` is, through views only, when nothing else reads that output (in the aten
-    graph after autograd): its one reader may then overwrite it. Else None."""
+def _gemm_behind(node: object, widening: bool = False) -> Node | None:
+    """The GEMM whose output `node` is, through views only (and widening casts, with `widening`), when nothing else
+    reads that output (in the aten graph after autograd): its one reader may then overwrite it. Else None."""
     while isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1:
         if node.target in _GEMMS:
             return node
-        if node.target not in _VIEWS:
+        if node.target not in _VIEWS and not (widening and _widens(node)):
             return None
         node = node.args[0]
     return None
@@ -258,7 +258,7 @@ def _plain_addmm(node: Node) -> bool:
 
 def _erase_unused(nodes: list[Node]) -> None:
     """Erase those of `nodes` that nothing reads any more, and then what only they read among `nodes`."""
-    pending = [n for n in nodes if n.graph is not None]
+    pending = list(nodes)
     while pending:
         unused = [n for n in pending if not n.users]
         if not unused:
@@ -284,17 +284,6 @@ def _widens(node: Node) -> bool:
     source, out = node.args[0].meta.get("val"), node.meta.get("val")
     return (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and source.dtype.is_floating_point
             and out.dtype.is_floating_point and out.dtype.itemsize > source.dtype.itemsize)
-
-
-def _gemm_term(node: object) -> Node | None:
-    """The GEMM behind a term of a sum, through views and widening casts that nothing else reads, else None."""
-    while isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1:
-        if node.target in _GEMMS:
-            return node
-        if node.target not in _VIEWS and not _widens(node):
-            return None
-        node = node.args[0]
-    return None
 
 
 def lora_up_before_base(graph: Graph) -> int:
@@ -379,7 +368,7 @@ def sums_into_large_gemms(graph: Graph) -> int:
         terms, adds = _sum_terms(root)
         if len(set(terms)) != len(terms):
             continue  # a term added twice: left as it is
-        gemms = {t: _gemm_term(t) for t in terms}
+        gemms = {t: _gemm_behind(t, widening=True) for t in terms}
         gemms = {t: g for t, g in gemms.items() if g is not None and g.meta["val"].is_contiguous()}
         if len(gemms) < 2:
             continue
