@@ -276,9 +276,9 @@ def test_gradient_sums_accumulate_in_the_large_gemms(widened):
     torch.testing.assert_close(gm(*args), eager, rtol=0, atol=0)  # bf16 partial sums, as eager rounds them
 
 
-@pytest.mark.parametrize("kind, layers, sums, backward_in_place",
-                         [("single", 5, 2, 5), ("double", 12, 7, 9)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind, layers, sums, backward_in_place, dtype",
+                         [("single", 5, 2, 5, torch.bfloat16), ("single", 5, 2, 5, torch.float32),
+                          ("double", 12, 7, 9, torch.float32)])  # ~25 s each on 2 CPU cores: no bf16 double
 def test_base_gemms_add_lora_and_gradient_terms_in_their_epilogue(tiny_flux_dev, kind, layers, sums,
                                                                  backward_in_place, dtype, monkeypatch):
     """Inductor (on the CPU) with the bf16 (or fp32) base: every LoRA layer's up projection goes before its base
@@ -286,9 +286,9 @@ def test_base_gemms_add_lora_and_gradient_terms_in_their_epilogue(tiny_flux_dev,
     v, proj_mlp and the LoRA's fused down projection, proj_out's input; double blocks: the image stream's q, k, v
     input and each stream's other layers; this test's text input needs no gradient) is accumulated by the large
     GEMMs in place. In fp32 the outputs and gradients are the eager block's; in bf16 the sums are rounded in another
-    order (each addmm rounds its partial sum), and the results are about as close to the fp32 block's as without
-    these passes: up to 2.7x the error on one of the tiny block's 26 gradients, where a lost or doubled term is off
-    by the term's whole size."""
+    order (each addmm rounds its partial sum), and the results are about as close to the fp32 block's as the eager
+    bf16 block's are (within 4x on each of the tiny block's tensors), where a lost or doubled term is off by the
+    term's whole size."""
     from fluxlora import graph_passes
 
     transformer = lora_transformer(tiny_flux_dev)
@@ -314,12 +314,8 @@ def test_base_gemms_add_lora_and_gradient_terms_in_their_epilogue(tiny_flux_dev,
         for name, new, eager in pairs:
             torch.testing.assert_close(new, eager, rtol=0, atol=1e-5 * eager.abs().max().item(), msg=name)
         return
-    torch._dynamo.reset()
-    unfused = forward_backward(block, torch.compile(block, fullgraph=True,
-                                                    options={"pre_grad_custom_pass": BLOCK_GRAPH_PASSES}), rope)
     block32 = copy.deepcopy(block).float()
     exact = forward_backward(block32, block32, rope, torch.float32)
-    for (name, new, _), old, fp32 in zip(pairs, [unfused[0], unfused[1], *[unfused[2][n] for n in ref_grads]],
-                                         [exact[0], exact[1], *[exact[2][n] for n in ref_grads]]):
-        new_err, old_err = ((t.float() - fp32).abs().max().item() for t in (new, old))
-        assert new_err <= 4 * old_err + 2e-3 * fp32.abs().max().item(), (name, new_err, old_err)
+    for (name, new, eager), fp32 in zip(pairs, [exact[0], exact[1], *[exact[2][n] for n in ref_grads]]):
+        new_err, eager_err = ((t.float() - fp32).abs().max().item() for t in (new, eager))
+        assert new_err <= 4 * eager_err + 2e-3 * fp32.abs().max().item(), (name, new_err, eager_err)
