@@ -228,14 +228,17 @@ def gelu_tanh_as_sigmoid(graph: Graph) -> int:
     return replaced
 
 
-def _gemm_behind(node: object, widening: bool = False) -> Node | None:
-    """The GEMM whose output `node` is, through views only (and widening casts, with `widening`), when nothing else
-    reads that output (in the aten graph after autograd): its one reader may then overwrite it. Else None."""
+def _gemm_behind(node: object, widening: bool = False) -> tuple[list[Node], Node] | None:
+    """(the views between, the GEMM) when `node` is a GEMM's output through views only (and widening casts, with
+    `widening`) and nothing else reads that output (in the aten graph after autograd): its one reader may then
+    overwrite it. Else None."""
+    chain = []
     while isinstance(node, Node) and node.op == "call_function" and len(node.users) == 1:
         if node.target in _GEMMS:
-            return node
+            return chain, node
         if node.target not in _VIEWS and not (widening and _widens(node)):
             return None
+        chain.append(node)
         node = node.args[0]
     return None
 
@@ -268,15 +271,6 @@ def _erase_unused(nodes: list[Node]) -> None:
             pending.remove(node)
 
 
-def _view_chain(node: Node) -> list[Node]:
-    """`node` and the views (and widening casts) it reads, down to (not including) the GEMM behind them."""
-    chain = []
-    while node.target in _VIEWS or _widens(node):
-        chain.append(node)
-        node = node.args[0]
-    return chain
-
-
 def _widens(node: Node) -> bool:
     """Whether `node` casts a float tensor to a wider float type (exactly: bf16 to fp32)."""
     if node.op != "call_function" or node.target != _CONVERT:
@@ -300,8 +294,11 @@ def lora_up_before_base(graph: Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != aten.addmm.default or node.kwargs.get("beta", 1) != 1:
             continue
-        base = _gemm_behind(node.args[0])
-        if (base is None or not (base.target == aten.mm.default or _plain_addmm(base))
+        found = _gemm_behind(node.args[0])
+        if found is None:
+            continue
+        views, base = found
+        if (not (base.target == aten.mm.default or _plain_addmm(base))
                 or base.meta["val"].shape != node.meta["val"].shape or not _big_enough(base, node)):
             continue
         if base.target == aten.addmm.default and base.args[0].meta["val"].dim() != 1:
@@ -319,9 +316,7 @@ def lora_up_before_base(graph: Graph) -> int:
         up.meta["val"] = node.meta["val"]
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        dead = [node, *_view_chain(node.args[0]), base]
-        graph.erase_node(node)
-        _erase_unused(dead[1:])
+        _erase_unused([node, *views, base])
         swapped += 1
     return swapped
 
@@ -368,8 +363,9 @@ def sums_into_large_gemms(graph: Graph) -> int:
         terms, adds = _sum_terms(root)
         if len(set(terms)) != len(terms):
             continue  # a term added twice: left as it is
-        gemms = {t: _gemm_behind(t, widening=True) for t in terms}
-        gemms = {t: g for t, g in gemms.items() if g is not None and g.meta["val"].is_contiguous()}
+        behind = {t: _gemm_behind(t, widening=True) for t in terms}
+        behind = {t: found for t, found in behind.items() if found is not None and found[1].meta["val"].is_contiguous()}
+        gemms = {t: gemm for t, (_, gemm) in behind.items()}
         if len(gemms) < 2:
             continue
         seed_term = min(gemms, key=lambda t: _inner(gemms[t]))
@@ -394,10 +390,9 @@ def sums_into_large_gemms(graph: Graph) -> int:
             for term in terms:
                 if term is not seed_term and term not in absorbed:
                     total = graph.call_function(aten.add.Tensor, (total, term))
-                    total.meta["val"] = root.meta["val"]
+                    total.meta["val"] = out_value
         root.replace_all_uses_with(total)
-        dead = adds + [n for t in [seed_term, *absorbed] for n in _view_chain(t)] + [gemms[t] for t in absorbed]
-        _erase_unused(dead)
+        _erase_unused(adds + [n for t in [seed_term, *absorbed] for n in behind[t][0]] + [gemms[t] for t in absorbed])
         rewritten += 1
     return rewritten
 
