@@ -57,7 +57,7 @@ import operator
 from collections import defaultdict
 
 import torch
-from torch._inductor import inductor_prims
+from torch._inductor import inductor_prims, lowering
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
@@ -412,10 +412,22 @@ def addmm_in_place(graph: Graph) -> int:
                 or not c_value.is_contiguous() or _gemm_behind(c) is None):
             continue
         chosen.append(node)
+    if chosen:
+        _lower_addmm_in_place_as_aten()
     for node in chosen:
         node.target = aten.addmm_.default
         node.replace_all_uses_with(node.args[0])  # its readers read C, which now holds the sum
     return len(chosen)
+
+
+def _lower_addmm_in_place_as_aten() -> None:
+    """Register ATen's `addmm_` kernel as Inductor's lowering of it, operands in the graph's layouts.
+
+    Inductor has none, and its implicit fallback refuses to run where the CI variable is set (GitHub Actions
+    sets it: `addmm_` has a decomposition) and, in a backward graph, first copies each operand to contiguous
+    memory, where cuBLAS takes transposed ones as they are."""
+    if aten.addmm_.default not in lowering.lowerings:
+        lowering.make_fallback(aten.addmm_.default, warn=False)
 
 
 def one_copy_per_scaled_mm_input(graph: Graph) -> int:
