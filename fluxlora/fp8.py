@@ -62,7 +62,7 @@ class _Fp8Matmul(torch.autograd.Function):
                                 out_dtype=x.dtype, use_fast_accum=True)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # grad [M, N] -> grad_x [M, K]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:  # [M, N] -> [M, K]
         weight, weight_scale, weight_t, weight_t_scale = ctx.saved_tensors
         if weight_t is not None:
             q, scale = quantize_rows(grad)
