@@ -57,7 +57,7 @@ import operator
 from collections import defaultdict
 
 import torch
-from torch._inductor import inductor_prims, lowering
+from torch._inductor import inductor_prims
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
@@ -426,6 +426,8 @@ def _lower_addmm_in_place_as_aten() -> None:
     Inductor has none, and its implicit fallback refuses to run where the CI variable is set (GitHub Actions
     sets it: `addmm_` has a decomposition) and, in a backward graph, first copies each operand to contiguous
     memory, where cuBLAS takes transposed ones as they are."""
+    from torch._inductor import lowering  # here, where Inductor is compiling: importing it costs ~1 s
+
     if aten.addmm_.default not in lowering.lowerings:
         lowering.make_fallback(aten.addmm_.default, warn=False)
 
