@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fluxlora.lora_io import FORMATS, convert_lora_file
+from fluxlora.config import LORA_FORMATS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("src", type=Path, help="LoRA file to read (either format)")
     parser.add_argument("dst", type=Path, help="file to write (replaced atomically if it exists)")
-    parser.add_argument("--to", choices=FORMATS, required=True, help="format to write")
+    parser.add_argument("--to", choices=LORA_FORMATS, required=True, help="format to write")
     args = parser.parse_args(argv)
+    # torch and diffusers take seconds to import: only now, so that --help and a flag to fix answer at once
+    from fluxlora.lora_io import convert_lora_file
+
     try:
         written = convert_lora_file(args.src, args.dst, args.to)
     except (OSError, ValueError) as err:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from accelerate import Accelerator
-
 from fluxlora.config import ConfigError, PrecomputeConfig, parse_config
-from fluxlora.precompute import PrecomputeError, run
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(PrecomputeConfig, argv, description=__doc__.splitlines()[0])
+    # torch and diffusers take seconds to import: only now, so that --help and a flag to fix answer at once
+    import torch
+    from accelerate import Accelerator
+
+    from fluxlora.precompute import PrecomputeError, run
+
     # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun only join one
     # (gloo) process group when the Accelerator is told to run on the CPU; otherwise each would
     # build the whole cache alone.

@@ -9,16 +9,18 @@ grid.png to --output_dir.
 """
 import sys
 
-import torch
-from accelerate import Accelerator
-
 from fluxlora.config import ConfigError, SampleConfig, parse_config
-from fluxlora.sampling import run_sample
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags and render; return the exit status (2 for a flag to fix, as argparse does)."""
     cfg = parse_config(SampleConfig, argv, description=__doc__)
+    # torch and diffusers take seconds to import: only now, so that --help and a flag to fix answer at once
+    import torch
+    from accelerate import Accelerator
+
+    from fluxlora.sampling import run_sample
+
     try:
         out = run_sample(cfg, Accelerator(cpu=not torch.cuda.is_available()))
     except ConfigError as err:

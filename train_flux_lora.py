@@ -9,15 +9,17 @@ Exit codes: 0 done; 1 failed (the message says why; a stop on non-finite losses 
 """
 import sys
 
-from fluxlora.cache import CacheError
-from fluxlora.checkpoint import CheckpointError
 from fluxlora.config import TrainConfig, parse_config
-from fluxlora.preemption import EXIT_PREEMPTED
-from fluxlora.trainer import NonFiniteLoss, Preempted, train
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, description=__doc__)
+    # torch and diffusers take seconds to import: only now, so that --help and a flag to fix answer at once
+    from fluxlora.cache import CacheError
+    from fluxlora.checkpoint import CheckpointError
+    from fluxlora.preemption import EXIT_PREEMPTED
+    from fluxlora.trainer import NonFiniteLoss, Preempted, train
+
     try:
         lora = train(cfg)
     except Preempted as stop:

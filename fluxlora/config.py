@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -23,6 +23,10 @@ C = TypeVar("C")
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 # T5 tokens each released model was trained with (FluxPipeline's max_sequence_length)
 MAX_SEQUENCE_LENGTH: dict[str, int] = {"dev": 512, "schnell": 256}
+
+# LoRA file formats: diffusers' (this toolkit, diffusers, ai-toolkit) and kohya sd-scripts' (ComfyUI, Forge)
+LoraFormat = Literal["diffusers", "kohya"]
+LORA_FORMATS: tuple[str, ...] = typing.get_args(LoraFormat)
 
 # The attention and MLP projections of both FLUX block types (diffusers module names). "proj_out"
 # also matches the transformer's final output projection, as in diffusers' example script.

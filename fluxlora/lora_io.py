@@ -29,7 +29,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -43,10 +43,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from torch.distributed.tensor import DTensor
 
+from .config import LORA_FORMATS, LoraFormat
+
 logger = logging.getLogger(__name__)
 
-LoraFormat = Literal["diffusers", "kohya"]
-FORMATS: tuple[str, ...] = ("diffusers", "kohya")
 
 TRANSFORMER_PREFIX = "transformer."
 """Key prefix of the transformer's LoRA in diffusers' pipeline-level files."""
@@ -635,8 +635,8 @@ def convert_lora_file(src: str | Path, dst: str | Path, to: LoraFormat) -> Path:
     Returns:
         `dst` as a Path.
     """
-    if to not in FORMATS:
-        raise ValueError(f"Unknown LoRA format {to!r}: use one of {', '.join(FORMATS)}.")
+    if to not in LORA_FORMATS:
+        raise ValueError(f"Unknown LoRA format {to!r}: use one of {', '.join(LORA_FORMATS)}.")
     state_dict, metadata = read_lora(src)
     try:
         if detect_format(state_dict) == to:

@@ -2,11 +2,16 @@
 name the flag, all before any model loads."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fluxlora.config import DEFAULT_LORA_LAYERS, PrecomputeConfig, SampleConfig, TrainConfig, parse_config
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -100,3 +105,27 @@ def test_every_flag_has_help():
     for cls in (PrecomputeConfig, TrainConfig, SampleConfig):
         for action in build_parser(cls, "")._actions:
             assert action.help and len(action.help) > 10, (cls.__name__, action.dest)
+
+
+@pytest.mark.parametrize("script, argv, status", [
+    ("train_flux_lora.py", ["--help"], 0),
+    ("train_flux_lora.py", ["--embeddings_dir", "/nonexistent-cache"], 2),
+    ("sample.py", ["--help"], 0),
+    ("sample.py", ["--prompt", "x", "--width", "1000"], 2),
+    ("precompute_embeddings.py", ["--help"], 0),
+    ("precompute_embeddings.py", ["--embeddings_dir", "e"], 2),
+    ("convert_lora.py", ["--help"], 0),
+    ("convert_lora.py", ["in.safetensors", "out.safetensors", "--to", "comfy"], 2),
+])
+def test_scripts_answer_help_and_flags_to_fix_before_importing_torch(script, argv, status):
+    """--help and a flag to fix come back at once: the scripts import torch and diffusers (15 s on a 2-core
+    machine) only after their flags are checked."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = sys.argv[1:]\n"
+             "try:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as stop:\n"
+             "    print('exit', stop.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(REPO / script), *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split()[-3:] == ["exit", str(status), "False"], result.stdout + result.stderr
