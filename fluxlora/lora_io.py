@@ -47,7 +47,6 @@ from .config import LORA_FORMATS, LoraFormat
 
 logger = logging.getLogger(__name__)
 
-
 TRANSFORMER_PREFIX = "transformer."
 """Key prefix of the transformer's LoRA in diffusers' pipeline-level files."""
 
