@@ -151,7 +151,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
                cuda_graphs=trainer.cuda_graphs, gc_steps=cfg.gc_steps, attention=cfg.attention_backend,
                checkpointed_blocks=trainer.checkpointed_blocks,
-               base=cfg.base_model_precision, low_memory=cfg.low_memory, logging_steps=1 if log else None,
+               base="fp8" if cfg.fp8_base else "bf16", low_memory=cfg.low_memory, logging_steps=1 if log else None,
                s_per_step=round(sec, 4),
                # per step (under DDP each step waits for the slowest process): the spread between runs of
                # 12 steps was as large as the effects measured (bench/RESULTS.md, session 8)
