@@ -52,15 +52,20 @@ def forward_backward(block: torch.nn.Module, fn, rope,
     return out[1], hidden.grad, grads
 
 
+def paired(results: tuple, reference: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Two `forward_backward` runs' tensors side by side, named: output, input gradient, each parameter's
+    gradient (both runs must have gradients for the same parameters)."""
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results, reference
+    assert sorted(grads) == sorted(ref_grads)
+    return [("output", out, ref_out), ("input grad", grad_in, ref_grad_in),
+            *[(name, grads[name], ref_grads[name]) for name in ref_grads]]
+
+
 def assert_same_results(results: tuple, reference: tuple, **tolerance: float) -> None:
     """Two `forward_backward` runs agree (assert_close, with its default or the given rtol and atol): output,
     input gradient and each parameter's gradient."""
-    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results, reference
-    torch.testing.assert_close(out, ref_out, **tolerance)
-    torch.testing.assert_close(grad_in, ref_grad_in, **tolerance)
-    assert sorted(grads) == sorted(ref_grads)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], msg=name, **tolerance)
+    for name, new, ref in paired(results, reference):
+        torch.testing.assert_close(new, ref, msg=name, **tolerance)
 
 
 def assert_as_close_to_fp32(block: torch.nn.Module, rope, results: tuple, reference: tuple, factor: float) -> None:
@@ -69,11 +74,7 @@ def assert_as_close_to_fp32(block: torch.nn.Module, rope, results: tuple, refere
     term is off by its whole size."""
     block32 = copy.deepcopy(block).float()
     exact = forward_backward(block32, block32, rope, torch.float32)
-    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results, reference
-    assert sorted(grads) == sorted(ref_grads)
-    pairs = [("output", out, ref_out, exact[0]), ("input grad", grad_in, ref_grad_in, exact[1])]
-    pairs += [(name, grads[name], ref_grads[name], exact[2][name]) for name in ref_grads]
-    for name, new, eager, fp32 in pairs:
+    for (name, new, eager), (_, _, fp32) in zip(paired(results, reference), paired(reference, exact)):
         new_err, eager_err = ((t.float() - fp32).abs().max().item() for t in (new, eager))
         assert new_err <= factor * eager_err + 2e-3 * fp32.abs().max().item(), (name, new_err, eager_err)
 
@@ -309,9 +310,6 @@ def test_base_gemms_add_lora_and_gradient_terms_in_their_epilogue(tiny_flux_dev,
     if dtype == torch.bfloat16:
         assert_as_close_to_fp32(block, rope, results, reference, factor=4)
         return
-    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results, reference
-    assert sorted(grads) == sorted(ref_grads)
-    pairs = [("output", out, ref_out), ("input grad", grad_in, ref_grad_in)]
-    for name, new, eager in pairs + [(name, grads[name], ref_grads[name]) for name in ref_grads]:
+    for name, new, eager in paired(results, reference):
         # fp32 rounding of the reordered sums, on each tensor's scale (from 1e-3 to 4 in the tiny block)
         torch.testing.assert_close(new, eager, rtol=0, atol=1e-5 * eager.abs().max().item(), msg=name)
