@@ -150,9 +150,10 @@ def test_lora_up_into_base_output_gives_the_same_outputs_and_gradients(tiny_flux
     results = forward_backward(block, captured(block, lora_up_into_base_output, replaced), rope)
     assert replaced == [layers]
     # addmm rounds the sum to bf16 once where mm + add rounded twice, so it is not the unfused bf16 result to
-    # the bit: measured against the block in fp32, it is as close as the unfused one to bf16 rounding (either is
-    # closer on some tensors); a wrong scale, weight or layout is off by the size of the LoRA's contribution
-    assert_as_close_to_fp32(block, rope, results, forward_backward(block, block, rope), factor=2)
+    # the bit: measured against the block in fp32, it is about as close as the unfused one to bf16 rounding (either
+    # is closer on some tensors; 2.4x further on one tensor on a CPU with AVX-512 bf16 dot products); a wrong scale
+    # (10% off fails), weight or layout is off by the size of the LoRA's contribution
+    assert_as_close_to_fp32(block, rope, results, forward_backward(block, block, rope), factor=3)
 
 
 @pytest.mark.parametrize("kind, layers, fp8_inputs", [("single", 5, 2), ("double", 12, 8)])

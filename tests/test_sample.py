@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import sample
 from fluxlora.config import DEFAULT_LORA_LAYERS, ConfigError, SampleConfig, parse_config
 from fluxlora.graph_passes import BLOCK_COMPILE_OPTIONS
+from fluxlora.models import load_transformer
 from fluxlora.lora_io import convert_lora_file, read_lora, save_lora
 from fluxlora.prompts import PromptJob, read_prompts
 from fluxlora.sampling import load_pipeline, render_jobs, run_sample, use_loras
@@ -217,8 +218,13 @@ def test_single_file_transformer_gives_the_folders_image(tiny_flux_dev, tmp_path
     run_sample(make_cfg(single, tmp_path / "single", prompt=PROMPTS[:1], base_components=str(tiny_flux_dev)),
                accelerator)
 
+    loaded = load_transformer(str(single), base_components=str(tiny_flux_dev), dtype=torch.float32).state_dict()
+    assert loaded.keys() == transformer.state_dict().keys()
+    assert all(torch.equal(loaded[key], value) for key, value in transformer.state_dict().items())
     image = tmp_path / "single" / "0000-base.png"
-    assert np.array_equal(pixels(image), reference(tiny_flux_dev, PROMPTS[0], 0))
+    # the same weights at other addresses, where CPUs with AVX-512 can take other kernels: 1 pixel in 12,288 was
+    # 1 off on one such machine
+    assert np.abs(pixels(image) - reference(tiny_flux_dev, PROMPTS[0], 0)).max() <= 1
     assert Image.open(image).text["base_components"] == str(tiny_flux_dev)
 
 
