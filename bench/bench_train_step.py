@@ -23,7 +23,9 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save
@@ -101,8 +103,40 @@ def forward_flops(height: int, width: int, batch: int, text_tokens: int = 512) -
     return batch * 57 * (2 * per_token * tokens + 4 * tokens**2 * d)
 
 
+KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, sm90_xmma) and Inductor (triton_) give them
+    ("attention", ("sdpa", "flash", "fmha", "attn")),
+    ("gemm fp8", ("e4m3", "f8f8", "qqtst", "_fp8")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk")),
+    ("triton", ("triton",)),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_profile(step: Callable[[], None], steps: int, top: int = 25) -> dict:
+    """GPU kernel time per step over `steps` calls of `step`, by kind and for the `top` kernels (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_name.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us() / 1e3
+    kinds: dict[str, float] = {}
+    for name, (_, ms) in per_name.items():
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms / steps
+    ranked = sorted(per_name.items(), key=lambda item: -item[1][1])[:top]
+    return dict(ms_per_step={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                total_ms_per_step=round(sum(kinds.values()), 2),
+                top=[(name[:110], calls // steps, round(ms / steps, 3)) for name, (calls, ms) in ranked])
+
+
 def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_bytes: int = 0, log: bool = False,
-          **options) -> dict:
+          profile_steps: int = 0, **options) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     cache = write_synthetic_cache(workdir / f"cache-{res}", res, images=max(8, 2 * batch))
@@ -138,6 +172,7 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / steps
     step_s = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
+    profiled = kernel_profile(partial(trainer.train_step, batches, window), profile_steps) if profile_steps else None
     trainer.settle()  # the last row
     if not log:  # the mean loss over all steps, warm-up included
         loss = window.flush(acc)()["loss"]
@@ -163,6 +198,8 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
                steady_peak_gib=round((torch.cuda.max_memory_allocated() - held_bytes) / 2**30, 2),
                model_tflops=round(flops / sec / 1e12, 1), mfu_bf16=round(flops / sec / 1e12 / peak, 3),
                matmul_peak_tflops=round(peak, 1), loss=round(loss, 4))
+    if profiled:
+        row["kernels"] = profiled
     batches.close()  # stops the prefetch thread, which holds the trainer
     del trainer, batches
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -189,6 +226,9 @@ def main() -> None:
                     help="the trainer's --attention_backend")
     ap.add_argument("--log", action="store_true", help="write the trainer's log row every step, as a default run "
                                                        "does (--logging_steps 1); off, no row is written")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the timed steps, profile this many more and report GPU kernel time per step "
+                         "(by kind and the costliest kernels; the timed figures exclude them)")
     ap.add_argument("--gpu_gib", type=float, default=None,
                     help="act as a GPU of this many GiB (the rest is taken before the trainer starts): shows "
                          "the trainer's choice of blocks to recompute")
@@ -206,7 +246,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for res in args.res:
             for batch in args.batch:
-                row = bench(res, batch, args.steps, Path(tmp), peak, held, log=args.log, **options)
+                row = bench(res, batch, args.steps, Path(tmp), peak, held, log=args.log,
+                            profile_steps=args.profile, **options)
                 if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: images/s of all processes
                     print(json.dumps(row), flush=True)
 
