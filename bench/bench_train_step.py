@@ -113,18 +113,30 @@ KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, sm90_xmma) 
 
 
 def kernel_profile(step: Callable[[], None], steps: int, top: int = 25) -> dict:
-    """GPU kernel time per step over `steps` calls of `step`, by kind and for the `top` kernels (ms per step)."""
+    """GPU kernel time per step over `steps` calls of `step`, by kind and for the `top` kernels (ms per step),
+    and the GPU's idle time between them, by the pair of kernels around each gap."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
     per_name: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = per_name.setdefault(event.name, [0, 0.0])
+    for event in events:
+        entry = per_name.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.time_range.elapsed_us() / 1e3
+    # the GPU idle: gaps in the union of all streams' kernels, by the kernels on either side (host work, launches)
+    gaps: dict[tuple[str, str], list[float]] = {}
+    end, last = events[0].time_range.end, events[0].name
+    for event in events[1:]:
+        if event.time_range.start > end:
+            entry = gaps.setdefault((last[:60], event.name[:60]), [0, 0.0])
             entry[0] += 1
-            entry[1] += event.time_range.elapsed_us() / 1e3
+            entry[1] += (event.time_range.start - end) / 1e3
+        if event.time_range.end > end:
+            end, last = event.time_range.end, event.name
     kinds: dict[str, float] = {}
     for name, (_, ms) in per_name.items():
         kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)), "other")
@@ -132,7 +144,10 @@ def kernel_profile(step: Callable[[], None], steps: int, top: int = 25) -> dict:
     ranked = sorted(per_name.items(), key=lambda item: -item[1][1])[:top]
     return dict(ms_per_step={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 total_ms_per_step=round(sum(kinds.values()), 2),
-                top=[(name[:110], calls // steps, round(ms / steps, 3)) for name, (calls, ms) in ranked])
+                top=[(name[:110], calls // steps, round(ms / steps, 3)) for name, (calls, ms) in ranked],
+                idle_ms_per_step=round(sum(ms for _, ms in gaps.values()) / steps, 2),
+                idle_top=[(*pair, round(calls / steps, 1), round(ms / steps, 3))
+                          for pair, (calls, ms) in sorted(gaps.items(), key=lambda item: -item[1][1])[:12]])
 
 
 def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_bytes: int = 0, log: bool = False,
