@@ -38,6 +38,7 @@ from fluxlora import cache as cache_mod  # noqa: E402
 from fluxlora import trainer as trainer_mod  # noqa: E402
 from fluxlora.config import TrainConfig  # noqa: E402
 from fluxlora.metrics import read_jsonl  # noqa: E402
+from fluxlora.models import cublas_without_workspace  # noqa: E402
 from fluxlora.sampler import load_batch, prefetch  # noqa: E402
 
 MODEL_ID = "bench/flux1-dev-random"  # stands for the random model; recorded in the synthetic cache
@@ -249,6 +250,7 @@ def main() -> None:
                          "the trainer's choice of blocks to recompute")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # under accelerate launch: this process's GPU
+    cublas_without_workspace(torch.device("cuda"))  # as the trainer does, before the first matmul of the process
     peak = matmul_tflops()
     held = 0
     if args.gpu_gib:  # taken until the process exits

@@ -28,8 +28,8 @@ from .config import ConfigError, TrainConfig
 from .lora_io import full_tensor, load_lora_into_transformer, lora_state_dict, save_lora
 from .metrics import HostCopy, JsonlLog, plot_loss_curve, read_jsonl
 from .models import (DTYPES, FlatParameters, WarmGuards, add_lora, attention_backends, blocks_to_checkpoint,
-                     checkpoint_blocks, compile_blocks, contiguous_attention_grads, flux_blocks, load_transformer,
-                     load_vae_and_scheduler)
+                     checkpoint_blocks, compile_blocks, contiguous_attention_grads, cublas_without_workspace,
+                     flux_blocks, load_transformer, load_vae_and_scheduler)
 from .optim import Outcome, SkippingStep, build_optimizer
 from .preemption import StopRequest
 from .sampler import Batch, BucketBatchStream, load_batch, prefetch, resume_position
@@ -72,6 +72,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg)
         self.fsdp = check_distributed(acc, cfg)
         self.device = acc.device
+        cublas_without_workspace(self.device)
         self.weight_dtype = DTYPES[cfg.mixed_precision]
         set_seed(cfg.seed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -521,6 +522,25 @@ def test_cuda_graphs_train_with_previews_as_eager_does(demo_cache, tiny_flux_dev
             assert len(list((out / "samples" / step).glob("*.png"))) == 2, (name, step)
     assert len(losses["graphs"]) == 4
     torch.testing.assert_close(losses["graphs"], losses["eager"], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("capability, preset, expected", [
+    ((9, 0), None, (":0:0", "0")),  # Hopper: no workspace, no memset before each GEMM
+    ((9, 0), ":4096:8", (":4096:8", "0")),  # a user's setting (deterministic cuBLAS asks for one) is kept
+    ((8, 0), None, (None, None)),  # measured on Hopper only: other GPUs keep cuBLAS's defaults
+])
+def test_cublas_workspace_off_on_hopper_unless_set(monkeypatch, capability, preset, expected):
+    from fluxlora.models import cublas_without_workspace
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if preset:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cublas_without_workspace(torch.device("cpu"))
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == preset and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    cublas_without_workspace(torch.device("cuda"))
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE")) == expected
 
 
 def test_cuda_graphs_by_default_where_they_apply(demo_cache, tiny_flux_dev, tmp_path):
