@@ -6,6 +6,7 @@ fields as ../shared/perf/reference_step.py (run that in the same call, on the sa
 
     python .perf/reference_step.py --res 512 1024 --batch 1
     python bench/bench_train_step.py --res 512 1024 --batch 1
+    python bench/bench_train_step.py --res 1024 --profile 2   # + kernel time by kind, top kernels, idle gaps
     accelerate launch --num_processes 4 bench/bench_train_step.py --res 1024   # DDP: images/s of all GPUs
     accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 4 \
         bench/bench_train_step.py --res 1024 --optimizer adamw                   # FSDP: memory per GPU
@@ -188,7 +189,6 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / steps
     step_s = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
-    profiled = kernel_profile(partial(trainer.train_step, batches, window), profile_steps) if profile_steps else None
     trainer.settle()  # the last row
     if not log:  # the mean loss over all steps, warm-up included
         loss = window.flush(acc)()["loss"]
@@ -197,6 +197,8 @@ def bench(res: int, batch: int, steps: int, workdir: Path, peak: float, held_byt
         loss = sum(row["loss"] for row in rows) / len(rows)
     else:
         loss = float("nan")
+    # after the loss is read: the profiled steps count in neither the times nor the loss
+    profiled = kernel_profile(partial(trainer.train_step, batches, window), profile_steps) if profile_steps else None
     flops = 2 * forward_flops(res, res, batch)  # LoRA: the backward costs about one forward
     row = dict(impl="fluxlora", card=torch.cuda.get_device_name(), processes=acc.num_processes, fsdp=trainer.fsdp,
                res=res, batch=batch, optimizer=cfg.optimizer, checkpointing=cfg.checkpointing, compiled=cfg.compile,
@@ -244,7 +246,7 @@ def main() -> None:
                                                        "does (--logging_steps 1); off, no row is written")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timed steps, profile this many more and report GPU kernel time per step "
-                         "(by kind and the costliest kernels; the timed figures exclude them)")
+                         "by kind, the costliest kernels and the GPU's idle gaps between kernels")
     ap.add_argument("--gpu_gib", type=float, default=None,
                     help="act as a GPU of this many GiB (the rest is taken before the trainer starts): shows "
                          "the trainer's choice of blocks to recompute")

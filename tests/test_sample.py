@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 import sample
 from fluxlora.config import DEFAULT_LORA_LAYERS, ConfigError, SampleConfig, parse_config
 from fluxlora.graph_passes import BLOCK_COMPILE_OPTIONS
-from fluxlora.models import load_transformer
 from fluxlora.lora_io import convert_lora_file, read_lora, save_lora
+from fluxlora.models import load_transformer
 from fluxlora.prompts import PromptJob, read_prompts
 from fluxlora.sampling import load_pipeline, render_jobs, run_sample, use_loras
 from fluxlora.tiny import transformer_config
