@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.full_flux import random_pipeline  # noqa: E402
 from fluxlora import fp8  # noqa: E402
-from fluxlora.models import attention_backends  # noqa: E402
+from fluxlora.models import attention_backends, cublas_without_workspace  # noqa: E402
 from fluxlora.prompts import PromptJob  # noqa: E402
 from fluxlora.config import DEFAULT_LORA_LAYERS  # noqa: E402
 from fluxlora.sampling import compile_for_sampling, render_jobs, use_loras  # noqa: E402
@@ -57,6 +57,7 @@ def main() -> None:
                                                            "then fused (sample.py's default)")
     ap.add_argument("--fp8", action="store_true", help="then also sample.py --quantize fp8")
     args = ap.parse_args()
+    cublas_without_workspace(torch.device("cuda"))  # as sample.py does, before the first matmul (all rows)
     pipe = random_pipeline("cuda")
     pipe.set_progress_bar_config(disable=True)
     device = torch.device("cuda")

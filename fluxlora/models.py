@@ -237,8 +237,8 @@ def cublas_without_workspace(device: torch.device) -> None:
     the environment sets one. With a workspace, cuBLAS zeroes it with a memset before each large GEMM, bf16 and
     fp8 alike: ~1200 per 1024 px training step, each ~1 us plus a ~3 us gap before the GEMM, in CUDA graphs too.
     Without one it runs the same tiles in variants that need none: 2.1 ms (fp8) and 1.6 ms (bf16) faster per
-    1024 px step on an H200, the same loss (bench/RESULTS.md, session 18). PyTorch sizes a workspace at the
-    process's first cuBLAS call, so call this before any matmul on `device`."""
+    1024 px step on an H200, the same loss (bench/RESULTS.md, session 18); sample.py's GEMMs are the same kind.
+    PyTorch sizes a workspace at the process's first cuBLAS call, so call this before any matmul on `device`."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
         os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")

@@ -33,7 +33,7 @@ from . import fp8
 from .config import MAX_SEQUENCE_LENGTH, ConfigError, SampleConfig
 from .graph_passes import BLOCK_COMPILE_OPTIONS
 from .lora_io import TRANSFORMER_PREFIX, check_lora_keys, detect_format, read_lora, read_lora_as_diffusers
-from .models import DTYPES, attention_backends, load_transformer, unloadable_message
+from .models import DTYPES, attention_backends, cublas_without_workspace, load_transformer, unloadable_message
 from .prompts import PromptJob, read_prompts
 
 
@@ -211,6 +211,7 @@ def run_sample(cfg: SampleConfig, accelerator: Accelerator) -> Path:
     out = Path(cfg.output_dir)
     jobs = read_prompts(cfg)
     mine = jobs[accelerator.process_index::accelerator.num_processes]
+    cublas_without_workspace(accelerator.device)  # as the trainer (and so its previews) runs
     pipe = load_pipeline(cfg, accelerator.device)
     guidance_embeds = pipe.transformer.config.guidance_embeds
     max_sequence_length = cfg.max_sequence_length or MAX_SEQUENCE_LENGTH["dev" if guidance_embeds else "schnell"]
