@@ -114,6 +114,22 @@ KERNEL_KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, sm90_xmma) 
 )
 
 
+def idle_gaps(spans: list[tuple[float, float, str]]) -> dict[tuple[str, str], list[float]]:
+    """Where no kernel runs on any stream (host work, launches): spans (start, end, name) sorted by start ->
+    {(the kernel that ended last, the next to start): [gaps, total length]}, in the spans' unit; names cut to
+    60 characters."""
+    gaps: dict[tuple[str, str], list[float]] = {}
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            entry = gaps.setdefault((last[:60], name[:60]), [0, 0.0])
+            entry[0] += 1
+            entry[1] += start - end
+        if stop > end:
+            end, last = stop, name
+    return gaps
+
+
 def kernel_profile(step: Callable[[], None], steps: int, top: int = 25) -> dict:
     """GPU kernel time per step over `steps` calls of `step`, by kind and for the `top` kernels (ms per step),
     and the GPU's idle time between them, by the pair of kernels around each gap."""
@@ -129,16 +145,7 @@ def kernel_profile(step: Callable[[], None], steps: int, top: int = 25) -> dict:
         entry = per_name.setdefault(event.name, [0, 0.0])
         entry[0] += 1
         entry[1] += event.time_range.elapsed_us() / 1e3
-    # the GPU idle: gaps in the union of all streams' kernels, by the kernels on either side (host work, launches)
-    gaps: dict[tuple[str, str], list[float]] = {}
-    end, last = events[0].time_range.end, events[0].name
-    for event in events[1:]:
-        if event.time_range.start > end:
-            entry = gaps.setdefault((last[:60], event.name[:60]), [0, 0.0])
-            entry[0] += 1
-            entry[1] += (event.time_range.start - end) / 1e3
-        if event.time_range.end > end:
-            end, last = event.time_range.end, event.name
+    gaps = idle_gaps([(e.time_range.start / 1e3, e.time_range.end / 1e3, e.name) for e in events])  # ms
     kinds: dict[str, float] = {}
     for name, (_, ms) in per_name.items():
         kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)), "other")

@@ -543,6 +543,18 @@ def test_cublas_workspace_off_on_hopper_unless_set(monkeypatch, capability, pres
     assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE")) == expected
 
 
+def test_bench_profile_finds_the_gaps_between_kernels_on_any_stream():
+    """bench_train_step --profile: the GPU is idle only where no stream runs a kernel, and each gap is named by
+    the kernel that ended last (not the last to start) and the next."""
+    from bench.bench_train_step import idle_gaps
+
+    spans = [(0.0, 10.0, "gemm"), (2.0, 4.0, "copy on another stream"), (13.0, 20.0, "memset"),
+             (23.0, 30.0, "gemm"), (24.0, 35.0, "prefetch"), (35.0, 36.0, "triton"), (40.0, 41.0, "memset"),
+             (44.0, 45.0, "gemm"), (45.0, 60.0, "attention"), (52.0, 55.0, "copy"), (62.0, 63.0, "triton")]
+    assert idle_gaps(spans) == {("gemm", "memset"): [1, 3.0], ("memset", "gemm"): [2, 6.0],
+                                ("triton", "memset"): [1, 4.0], ("attention", "triton"): [1, 2.0]}
+
+
 def test_cuda_graphs_by_default_where_they_apply(demo_cache, tiny_flux_dev, tmp_path):
     from fluxlora.trainer import use_cuda_graphs
 
