@@ -33,7 +33,7 @@ H200 the kernels holding the activation ran 3-30% faster, sample.py's compiled 1
 These run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
 `F.linear` and `F.gelu` calls, and autograd derives the backward of what they leave.
 
-Four more run on the forward and backward graphs after autograd (`post_grad_custom_post_pass`), where they
+Five more run on the forward and backward graphs after autograd (`post_grad_custom_post_pass`), where they
 change how the GEMMs add their terms and how Inductor lowers them, not what is computed:
 - With a bf16 base, each LoRA up projection goes before its base GEMM, which adds it in its epilogue
   (`lora_up_before_base`): a GEMM bound by FLOPs reads an addend at no visible cost, where the skinny up
@@ -46,6 +46,9 @@ change how the GEMMs add their terms and how Inductor lowers them, not what is c
   addmm a new output buffer, and ATen then copies C into it before cuBLAS adds the product: one memcpy of
   [tokens, N] per LoRA layer after the up-projection pass (418 per step, 6.5 ms of a 1024 px fp8 step on an H200).
   Its readers then read C, so that Inductor orders them after the write.
+- A row amax over a concatenation (the fp8 quantization of a single block's proj_out input, cat(attention,
+  GELU(mlp))) is taken part by part and the largest kept: the same maximum, without a kernel of its own that reads
+  the whole concatenation back.
 - A tensor that several `_scaled_mm` read (one fp8 quantization of q, k, v and the MLP's shared input) is
   materialised once. `_scaled_mm` needs exact strides, and Inductor meets that for an input still pending as
   a fused elementwise expression (the e4m3 cast) by writing a copy per GEMM: four e4m3 copies of a single
@@ -450,6 +453,53 @@ def one_copy_per_scaled_mm_input(graph: Graph) -> int:
     return shared
 
 
+def row_amax_by_part(graph: Graph) -> int:
+    """Replace each row amax `amax(abs(cat(parts, -1)), -1, keepdim)` (through views that keep the rows) by the
+    largest of the parts' own row amaxes, cast to the row amax's leading shape. Returns the number replaced.
+
+    The same maximum to the bit. A single block's proj_out quantizes cat(attention, GELU(mlp)) [tokens, 15360] per
+    row: its amax was a kernel of its own that read the whole concatenation back (95 us per block at 1024 px on an
+    H200, bench/RESULTS.md); a part's amax can run in the kernel that writes the part (the GELU's)."""
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.amax.default or len(node.args) < 3 or not node.args[2]:
+            continue
+        magnitude = node.args[0]
+        if not isinstance(magnitude, Node) or magnitude.target != aten.abs.default or len(magnitude.users) != 1:
+            continue
+        rows = magnitude.args[0]
+        width = rows.meta["val"].shape[-1]
+        if list(node.args[1]) not in ([-1], [rows.meta["val"].dim() - 1]):
+            continue
+        cat = rows
+        while cat.target in _VIEWS and cat.args[0].meta["val"].shape[-1] == width:  # the same rows, in order
+            cat = cat.args[0]
+        if cat.target != aten.cat.default or cat.meta["val"].shape[-1] != width:
+            continue
+        dim = _arg(cat, 1, "dim") or 0
+        if dim % cat.meta["val"].dim() != cat.meta["val"].dim() - 1:
+            continue
+        value = node.meta["val"]
+        with graph.inserting_before(node):
+            maxes = []
+            for part in cat.args[0]:
+                part_value = part.meta["val"]
+                part_abs = graph.call_function(aten.abs.default, (part,))
+                part_abs.meta["val"] = part_value
+                part_max = graph.call_function(aten.amax.default, (part_abs, [-1], True))
+                part_max.meta["val"] = part_value.new_empty(*part_value.shape[:-1], 1)
+                maxes.append(graph.call_function(aten.view.default, (part_max, list(value.shape))))
+                maxes[-1].meta["val"] = value
+            largest = maxes[0]
+            for other in maxes[1:]:
+                largest = graph.call_function(aten.maximum.default, (largest, other))
+                largest.meta["val"] = value
+        node.replace_all_uses_with(largest)
+        _erase_unused([node, magnitude])
+        replaced += 1
+    return replaced
+
+
 class _PassesOfThisFile(CustomGraphPass):
     """A custom pass whose uuid is this file's hash, so that compiled graphs stay cacheable and change with it."""
 
@@ -468,13 +518,14 @@ class BlockGraphPasses(_PassesOfThisFile):
 
 
 class BlockPostGradPasses(_PassesOfThisFile):
-    """`lora_up_before_base`, `sums_into_large_gemms`, `addmm_in_place` and `one_copy_per_scaled_mm_input` as
-    Inductor's `post_grad_custom_post_pass`."""
+    """`lora_up_before_base`, `sums_into_large_gemms`, `addmm_in_place`, `row_amax_by_part` and
+    `one_copy_per_scaled_mm_input` as Inductor's `post_grad_custom_post_pass`."""
 
     def __call__(self, graph: Graph) -> None:
         lora_up_before_base(graph)
         sums_into_large_gemms(graph)
         addmm_in_place(graph)
+        row_amax_by_part(graph)
         one_copy_per_scaled_mm_input(graph)
 
 
