@@ -1,7 +1,7 @@
 """The compiled blocks' graph passes: LoRA down projections that share an input as one GEMM, LoRA up projections
 added inside a GEMM, the tanh GELU through a sigmoid; after autograd, with a bf16 base, the LoRA's terms and the
-summed gradients added in the large GEMMs' epilogues, those GEMMs in place and one fp8 quantization per shared
-input."""
+summed gradients added in the large GEMMs' epilogues, those GEMMs in place, row amaxes of a concatenation taken part
+by part and one fp8 quantization per shared input."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fluxlora import fp8
 from fluxlora.graph_passes import (BLOCK_COMPILE_OPTIONS, BLOCK_GRAPH_PASSES, addmm_in_place,
                                    fuse_shared_input_linears, gelu_tanh, gelu_tanh_as_sigmoid, lora_up_before_base,
-                                   lora_up_into_base_output, sums_into_large_gemms)
+                                   lora_up_into_base_output, row_amax_by_part, sums_into_large_gemms)
 
 from .conftest import tiny_lora_transformer
 
@@ -275,6 +275,31 @@ def test_gradient_sums_accumulate_in_the_large_gemms(widened):
     g1, w1, gh, a, g2, w2, other = args
     eager = ((torch.addmm(torch.addmm(gh @ a, g1, w1), g2, w2)).view(2, 16, 24).float() + other) * 3
     torch.testing.assert_close(gm(*args), eager, rtol=0, atol=0)  # bf16 partial sums, as eager rounds them
+
+
+@pytest.mark.parametrize("cat_dim, amax_dim, replaced", [(-1, -1, 1), (2, 1, 1), (1, -1, 0), (-1, 0, 0)])
+def test_row_amax_of_a_concatenation_is_taken_part_by_part(cat_dim, amax_dim, replaced):
+    """`amax(abs(cat([a, b], -1).view(rows, -1)), -1, keepdim=True)` (the fp8 quantization's row scale of a
+    single block's proj_out input) becomes the larger of a's and b's row amaxes, to the bit; a concatenation along
+    another dimension, or an amax over another, stays as it is."""
+    def row_scale(a, b):
+        x = torch.cat([a, b], cat_dim)
+        return (x.view(-1, x.shape[-1]).abs().amax(amax_dim, keepdim=True) * 3).float()
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 8, 16, generator=gen).bfloat16()
+    b = torch.randn(1, 8, 48 if cat_dim in (-1, 2) else 16, generator=gen).bfloat16()
+    a[0, :4] *= 8  # the largest magnitude in a for half the rows, in b for the others
+    gm = aten_graph(row_scale, a, b)
+    assert row_amax_by_part(gm.graph) == replaced
+    gm.graph.lint()
+    gm.recompile()
+    read = [n.args[0] for n in targets(gm, aten.abs.default)]  # what each abs reads: the parts, or the whole
+    if replaced:
+        assert read == targets(gm, "placeholder")
+    else:
+        assert len(read) == 1 and read[0].op != "placeholder"
+    torch.testing.assert_close(gm(a, b), row_scale(a, b), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind, layers, sums, backward_in_place, dtype",
