@@ -476,8 +476,9 @@ def row_amax_by_part(graph: Graph) -> int:
             cat = cat.args[0]
         if cat.target != aten.cat.default or cat.meta["val"].shape[-1] != width:
             continue
-        dim = _arg(cat, 1, "dim") or 0
-        if dim % cat.meta["val"].dim() != cat.meta["val"].dim() - 1:
+        dim, ndim = _arg(cat, 1, "dim") or 0, cat.meta["val"].dim()
+        if dim % ndim != ndim - 1 or any(p.meta["val"].dim() != ndim or not p.meta["val"].shape[-1]
+                                         for p in cat.args[0]):  # cat skips empty 1-D parts; amax refuses them
             continue
         value = node.meta["val"]
         with graph.inserting_before(node):
