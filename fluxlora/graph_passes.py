@@ -455,11 +455,12 @@ def one_copy_per_scaled_mm_input(graph: Graph) -> int:
 
 def row_amax_by_part(graph: Graph) -> int:
     """Replace each row amax `amax(abs(cat(parts, -1)), -1, keepdim)` (through views that keep the rows) by the
-    largest of the parts' own row amaxes, cast to the row amax's leading shape. Returns the number replaced.
+    largest of the parts' own row amaxes, viewed in the row amax's shape. Returns the number replaced.
 
     The same maximum to the bit. A single block's proj_out quantizes cat(attention, GELU(mlp)) [tokens, 15360] per
-    row: its amax was a kernel of its own that read the whole concatenation back (95 us per block at 1024 px on an
-    H200, bench/RESULTS.md); a part's amax can run in the kernel that writes the part (the GELU's)."""
+    row: its amax was a kernel of its own that read the whole concatenation back (96 us per block at 1024 px on an
+    H200); the GELU part's amax runs where the GELU is formed instead: 1.0 ms of kernels and 2.0 ms per fp8 step
+    less in a same-call A/B (bench/RESULTS.md, session 19)."""
     replaced = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != aten.amax.default or len(node.args) < 3 or not node.args[2]:
