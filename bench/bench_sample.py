@@ -57,10 +57,10 @@ def main() -> None:
                                                            "then fused (sample.py's default)")
     ap.add_argument("--fp8", action="store_true", help="then also sample.py --quantize fp8")
     args = ap.parse_args()
-    cublas_without_workspace(torch.device("cuda"))  # as sample.py does, before the first matmul (all rows)
+    device = torch.device("cuda")
+    cublas_without_workspace(device)  # as sample.py does, before the first matmul (all rows)
     pipe = random_pipeline("cuda")
     pipe.set_progress_bar_config(disable=True)
-    device = torch.device("cuda")
     card = torch.cuda.get_device_name()
     common = dict(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=3.5)
 
