@@ -1,7 +1,7 @@
 """Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
-each LoRA up projection added to its base output inside a GEMM, and the tanh GELU through a sigmoid;
-after autograd, sums of GEMM outputs accumulated in the large GEMMs' epilogues, in place, and one fp8
-quantization per shared input.
+each LoRA up projection added to its base output inside a GEMM, the tanh GELU through a sigmoid, and a single
+block's q/k RMS norm with RoPE as one op with kernels of its own; after autograd, sums of GEMM outputs accumulated
+in the large GEMMs' epilogues, in place, and one fp8 quantization per shared input.
 
 LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's
 input layer of a single-stream block read its normed hidden states, and q, k, v (and the text stream's three) of a
@@ -30,8 +30,14 @@ division: the same function, rounded differently in fp32 (~1e-7), far below the 
 H200 the kernels holding the activation ran 3-30% faster, sample.py's compiled 1024 px image 1.9%
 (bench/RESULTS.md, session 12).
 
+q/k norm and RoPE. Inductor fuses a single block's q and k RMS norms with diffusers' `apply_rotary_emb` into one
+kernel per direction, but rotates value by value, each value gathering its pair partner: ~1 TB/s. The op
+`norm_rope.rms_norm_rope` reads each head row once, in Triton kernels forward and backward 2.5x faster: -4.4 ms
+per 1024 px fp8 step and -3.7 ms in bf16 on an H200 (bench/RESULTS.md, session 20).
+
 These run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
-`F.linear` and `F.gelu` calls, and autograd derives the backward of what they leave.
+`F.linear`, `F.gelu`, `rms_norm` and RoPE calls, and autograd derives the backward of what they leave (the
+norm and RoPE op's backward is its own).
 
 Five more run on the forward and backward graphs after autograd (`post_grad_custom_post_pass`), where they
 change how the GEMMs add their terms and how Inductor lowers them, not what is computed:
@@ -63,6 +69,8 @@ import torch
 from torch._inductor import inductor_prims
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
+
+from . import norm_rope
 
 aten = torch.ops.aten
 
@@ -228,6 +236,104 @@ def gelu_tanh_as_sigmoid(graph: Graph) -> int:
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             replaced += 1
+    return replaced
+
+
+def _method(node: object, name: str) -> bool:
+    """Whether `node` calls the tensor method `name`."""
+    return isinstance(node, Node) and node.op == "call_method" and node.target == name
+
+
+def _function(node: object, *functions: object) -> bool:
+    """Whether `node` calls one of `functions`."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in functions
+
+
+def _rotated_pairs(rotated: object) -> tuple[Node, list[Node]] | None:
+    """(x, the nodes from x's reshape to `rotated`) where `rotated` is `flatten(stack([-imag, real], -1), 3)` of
+    `real, imag = x.reshape(..., -1, 2).unbind(-1)` for an x [B, S, H, D]: the rotation by 90 degrees that
+    diffusers' `apply_rotary_emb` multiplies by sin. Else None."""
+    if not _method(rotated, "flatten"):
+        return None
+    stack = rotated.args[0]
+    if not (_function(stack, torch.stack) and _arg(stack, 1, "dim") == -1 and len(stack.args[0]) == 2):
+        return None
+    neg, real = stack.args[0]
+    if not (_function(neg, operator.neg) or _method(neg, "neg")) or not _function(real, operator.getitem):
+        return None
+    imag = neg.args[0]
+    if (not _function(imag, operator.getitem) or (real.args[1], imag.args[1]) != (0, 1)
+            or imag.args[0] is not real.args[0]):
+        return None
+    unbind, reshape = real.args[0], real.args[0].args[0]
+    if not (_method(unbind, "unbind") and unbind.args[1:] == (-1,) and _method(reshape, "reshape")):
+        return None
+    x = reshape.args[0]
+    pairs, whole = _example(reshape), _example(x)
+    if (pairs is None or whole is None or whole.dim() != 4 or pairs.shape[-1] != 2
+            or pairs.shape[:-2] != whole.shape[:-1] or _arg(rotated, 1, "start_dim") != 3):
+        return None
+    return x, [rotated, stack, neg, real, imag, unbind, reshape]
+
+
+def _rope(node: Node) -> tuple[Node, Node, Node, list[Node]] | None:
+    """(x, cos, sin, the nodes between x and `node`) where `node` is diffusers' `apply_rotary_emb(x, (cos, sin),
+    sequence_dim=1)` on an x [B, S, H, D]: `(x.float() * cos + rotated(x).float() * sin).to(x.dtype)`, cos and sin
+    [1, S, 1, D]. Else None."""
+    if not _method(node, "to") or len(node.args) != 2 or node.kwargs:
+        return None
+    add = node.args[0]
+    if not _function(add, *_ADD) or len(add.args) != 2 or len(add.users) != 1:
+        return None
+    terms = [term for term in add.args
+             if _function(term, *_MUL) and len(term.users) == 1 and _method(term.args[0], "float")]
+    if len(terms) != 2:
+        return None
+    for straight, turned in (terms, terms[::-1]):  # x.float() * cos + rotated.float() * sin, in either order
+        found = _rotated_pairs(turned.args[0].args[0])
+        if found is not None and found[0] is straight.args[0].args[0]:
+            break
+    else:
+        return None
+    x, chain = found
+    cos, sin, whole = _example(straight.args[1]), _example(turned.args[1]), _example(x)
+    table = (1, whole.shape[1], 1, whole.shape[3])
+    if (cos is None or sin is None or tuple(cos.shape) != table or tuple(sin.shape) != table
+            or node.args[1] != whole.dtype):
+        return None
+    return x, straight.args[1], turned.args[1], [node, add, straight, turned, straight.args[0], turned.args[0], *chain]
+
+
+def rms_norm_rope_as_one_op(graph: Graph) -> int:
+    """Replace each `apply_rotary_emb(rms_norm(x, (D,), weight, eps), (cos, sin), sequence_dim=1)` (a single
+    block's q and k) by `norm_rope.rms_norm_rope(x, weight, cos, sin, eps)`, whose Triton kernels read each head
+    row once. Returns the number replaced.
+
+    Only where the norm's weight and the tables take no gradient (the frozen base's; the op gives x its only
+    gradient). The double blocks' rotation reads the text and image streams' norms concatenated, and is left to
+    Inductor."""
+    replaced = 0
+    for node in list(graph.nodes):
+        found = _rope(node)
+        if found is None:
+            continue
+        normed, cos, sin, chain = found
+        if not (_function(normed, torch.rms_norm, torch.nn.functional.rms_norm) and len(normed.args) == 4
+                and not normed.kwargs and len(normed.users) == 2 and isinstance(normed.args[2], Node)):
+            continue
+        x, shape, weight, eps = normed.args
+        frozen = [_example(n) for n in (weight, cos, sin)]
+        if (tuple(shape) != (_example(x).shape[-1],) or not isinstance(eps, float)
+                or any(t is None or t.requires_grad for t in frozen)):  # the op gives x its only gradient
+            continue
+        with graph.inserting_before(node):
+            tables = [graph.call_method("flatten", (t, 0, 2)) for t in (cos, sin)]  # [1, S, 1, D] -> [S, D]
+            op = graph.call_function(torch.ops.fluxlora.rms_norm_rope.default, (x, weight, *tables, eps))
+            out = graph.call_function(operator.getitem, (op, 0))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        _erase_unused([*chain, normed])
+        replaced += 1
     return replaced
 
 
@@ -506,17 +612,18 @@ class _PassesOfThisFile(CustomGraphPass):
     """A custom pass whose uuid is this file's hash, so that compiled graphs stay cacheable and change with it."""
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return get_hash_for_files((__file__, norm_rope.__file__))
 
 
 class BlockGraphPasses(_PassesOfThisFile):
-    """`fuse_shared_input_linears`, `lora_up_into_base_output` and `gelu_tanh_as_sigmoid` as Inductor's
-    `pre_grad_custom_pass`."""
+    """`fuse_shared_input_linears`, `lora_up_into_base_output`, `gelu_tanh_as_sigmoid` and
+    `rms_norm_rope_as_one_op` as Inductor's `pre_grad_custom_pass`."""
 
     def __call__(self, graph: Graph) -> None:
         fuse_shared_input_linears(graph)
         lora_up_into_base_output(graph)
         gelu_tanh_as_sigmoid(graph)
+        rms_norm_rope_as_one_op(graph)
 
 
 class BlockPostGradPasses(_PassesOfThisFile):

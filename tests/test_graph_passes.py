@@ -1,7 +1,7 @@
 """The compiled blocks' graph passes: LoRA down projections that share an input as one GEMM, LoRA up projections
-added inside a GEMM, the tanh GELU through a sigmoid; after autograd, with a bf16 base, the LoRA's terms and the
-summed gradients added in the large GEMMs' epilogues, those GEMMs in place, row amaxes of a concatenation taken part
-by part and one fp8 quantization per shared input."""
+added inside a GEMM, the tanh GELU through a sigmoid, q/k RMS norm and RoPE as one op; after autograd, with a bf16
+base, the LoRA's terms and the summed gradients added in the large GEMMs' epilogues, those GEMMs in place, row
+amaxes of a concatenation taken part by part and one fp8 quantization per shared input."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fluxlora import fp8
 from fluxlora.graph_passes import (BLOCK_COMPILE_OPTIONS, BLOCK_GRAPH_PASSES, addmm_in_place,
                                    fuse_shared_input_linears, gelu_tanh, gelu_tanh_as_sigmoid, lora_up_before_base,
-                                   lora_up_into_base_output, row_amax_by_part, sums_into_large_gemms)
+                                   lora_up_into_base_output, rms_norm_rope_as_one_op, row_amax_by_part,
+                                   sums_into_large_gemms)
 
 from .conftest import tiny_lora_transformer
 
@@ -134,6 +135,22 @@ def test_gelu_through_a_sigmoid_gives_the_same_outputs_and_gradients(tiny_flux_d
     results = forward_backward(block, captured(block, gelu_tanh_as_sigmoid, replaced), rope)
     assert replaced == [gelus]
     assert_same_results(results, forward_backward(block, block, rope))
+
+
+@pytest.mark.parametrize("kind, ops", [("single", 2), ("double", 0)])
+def test_rms_norm_rope_as_one_op_gives_the_same_outputs_and_gradients(tiny_flux_dev, kind, ops):
+    """A single block's q and k each through one `rms_norm_rope` (on the CPU its torch formula: the block's
+    output to the bit, its gradients computed in fp32 from the rotation to the norm's input); the double blocks'
+    rotation of the concatenated streams is left as it is. Random positions: zeros make RoPE the identity."""
+    transformer, block, _ = lora_block(tiny_flux_dev, kind)
+    ids = torch.randint(0, 64, (TOKENS + TEXT_TOKENS, 3), generator=torch.Generator().manual_seed(2)).float()
+    rope = transformer.pos_embed(ids)
+    replaced: list[int] = []
+    results = forward_backward(block, captured(block, rms_norm_rope_as_one_op, replaced), rope)
+    reference = forward_backward(block, block, rope)
+    assert replaced == [ops]
+    assert torch.equal(results[0], reference[0])
+    assert_as_close_to_fp32(block, rope, results, reference, factor=1.5)
 
 
 @pytest.mark.parametrize("kind, layers", [("single", 5), ("double", 12)])
