@@ -107,15 +107,19 @@ if triton is not None:
                  mask=mask[:, None])
 
 
-# Head rows per program and warps: the fastest of ROWS 4-32 x 2-8 warps at 1024 px on an H200 (bench/RESULTS.md,
-# session 20): forward 22 us and backward 25 us for a single block's q (28 MB), 2.5 and 3.5 TB/s.
+# Head rows per program and warps: among the fastest of ROWS 4-32 x 2-8 warps at 1024 px on an H200
+# (bench/bench_norm_rope.py; bench/RESULTS.md, session 20): ~25 us per call forward and backward in the training step
+# for a single block's q or k (28 MB each way), where Inductor's kernel for q and k together took 113 and 127 us.
 _FORWARD_TILING = {"ROWS": 8, "num_warps": 2}
 _BACKWARD_TILING = {"ROWS": 8, "num_warps": 4}
 
 
 def _on_triton(x: torch.Tensor) -> bool:
-    """Whether x's device runs the Triton kernels (CUDA, or the CPU under Triton's interpreter in tests)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether the Triton kernels take x [B, S, H, D]: on CUDA (or on the CPU under Triton's interpreter,
+    TRITON_INTERPRET=1, to check their indexing without a GPU; its fp32 -> bf16 casts truncate, so most values
+    differ from the GPU's by a bf16 step), with D a power of two (a whole row is one Triton block)."""
+    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and on_device and x.shape[3] >= 2 and x.shape[3] & (x.shape[3] - 1) == 0
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, S, H, D], weight [D], cos and sin [S, D] fp32 -> (out [B, S, H, D] contiguous, rstd [B, S, H] fp32):
-    FLUX's q or k after its RMS norm and rotary embedding (D a power of two)."""
+    FLUX's q or k after its RMS norm and rotary embedding."""
     if not _on_triton(x):
         return reference(x, weight, cos, sin, eps)
     x = _packed(x)
