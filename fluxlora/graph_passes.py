@@ -609,7 +609,8 @@ def row_amax_by_part(graph: Graph) -> int:
 
 
 class _PassesOfThisFile(CustomGraphPass):
-    """A custom pass whose uuid is this file's hash, so that compiled graphs stay cacheable and change with it."""
+    """A custom pass whose uuid is the hash of this file and of the op it inserts (`norm_rope`), so that compiled
+    graphs stay cacheable and change with them."""
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__, norm_rope.__file__))
