@@ -3,11 +3,16 @@
 wandb ships no reader for this file: it is W&B's protobuf `Record` messages in a LevelDB-style log
 (a 7-byte header ":W&B" + magic + version, then 32 KiB blocks of records, each with a 7-byte
 header: crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4).
+
+W&B's service writes the file on its own schedule: right after `finish()` returns it can still hold
+only the 7-byte header (seen in CI, and here about 1 run in 10), so `records` waits for the run's
+closing `exit` record.
 """
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,24 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
-def records(path: Path) -> list[Any]:
+def records(path: Path, timeout: float = 60.0) -> list[Any]:
+    """A finished run's records, once the service has written them all (through `exit`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        parsed = _parse(path)
+        if parsed and parsed[-1].WhichOneof("record_type") == "exit":
+            return parsed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout:.0f} s: the run did not finish")
+        time.sleep(0.1)
+
+
+def _parse(path: Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
+    if len(data) < HEADER:  # not written yet
+        return []
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
     out, pending, pos = [], b"", HEADER
@@ -29,6 +48,8 @@ def records(path: Path) -> list[Any]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
         pos += HEADER
+        if pos + length > len(data):  # the service is still writing this record
+            break
         chunk, pos = data[pos:pos + length], pos + length
         if kind == 1:
             pending = b""
