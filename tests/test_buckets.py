@@ -95,10 +95,13 @@ def test_nearest_bucket(res):
 
 def test_nearest_bucket_is_nearest_in_log_space():
     table = bucket_table(768)
-    for w, h in [(640, 480), (500, 1200), (1234, 567), (3, 2), (9, 21)]:
+    for w, h in [(640, 480), (500, 1200), (1234, 567), (3, 2), (9, 21), (863, 2000), (1059, 300)]:
         best = min(abs(math.log(bw / bh) - math.log(w / h)) for bw, bh in table)
         bw, bh = nearest_bucket(w, h, 768)
         assert abs(math.log(bw / bh) - math.log(w / h)) == best
+    # the last two lie where the nearest bucket by plain w / h is another one
+    assert nearest_bucket(863, 2000, 768) == (512, 1152)  # by w / h: (496, 1184)
+    assert nearest_bucket(1059, 300, 768) == (1472, 400)  # by w / h: (1408, 416)
 
 
 def test_nearest_bucket_rejects_empty_size():

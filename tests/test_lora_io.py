@@ -439,6 +439,36 @@ def test_diffusers_alpha_keys_are_honoured():
     )
 
 
+def test_kohya_file_without_alphas_applies_at_scale_one():
+    """kohya's loaders take a missing `.alpha` as alpha = rank."""
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 64, generator=generator), torch.randn(64, 2, generator=generator)
+    baked = from_kohya({"lora_unet_img_in.lora_down.weight": down, "lora_unet_img_in.lora_up.weight": up})
+    torch.testing.assert_close(
+        baked["transformer.x_embedder.lora_B.weight"] @ baked["transformer.x_embedder.lora_A.weight"], up @ down)
+
+
+def test_file_header_scales_follow_peft_rank_alpha_patterns_and_rslora(tiny_flux_dev, tmp_path):
+    """A file's LoraConfig header (rsLoRA, per-module rank and alpha) folds in as PEFT itself scales."""
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_dev, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_k"],
+                                       rank_pattern={"to_k": 2}, alpha_pattern={"to_k": 3}))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    baked = read_lora_as_diffusers(save_lora(tmp_path / "rslora.safetensors", transformer, dtype=torch.float32))
+    scales = set()
+    for name, module in transformer.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            key = f"transformer.{name}"
+            delta = baked[f"{key}.lora_B.weight"] @ baked[f"{key}.lora_A.weight"]
+            torch.testing.assert_close(delta, module.get_delta_weight("default"), msg=key)
+            scales.add(module.scaling["default"])
+    assert scales == {8 / 2, 3 / 2 ** 0.5}  # alpha / sqrt(r): rsLoRA, with to_k's own rank and alpha
+
+
 def test_modules_without_kohya_name_are_an_error():
     state = {"transformer.pos_embed.lora_A.weight": torch.zeros(2, 8),
              "transformer.pos_embed.lora_B.weight": torch.zeros(8, 2)}

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxlora import flow
-from fluxlora.checkpoint import CheckpointError, complete_checkpoints
+from fluxlora.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve_checkpoint
 from fluxlora.config import TrainConfig
 from fluxlora.preemption import EXIT_PREEMPTED
 from fluxlora.trainer import NonFiniteLoss, train
@@ -70,6 +70,19 @@ def uninterrupted(demo_cache, tiny_flux_dev, tmp_path_factory):
     proc = start(flags(demo_cache, tiny_flux_dev, out, 12, 3))
     assert proc.wait(timeout=600) == 0, proc.stdout.read()[-2000:]
     return final_adapter(out, 12)
+
+
+def test_latest_is_the_highest_complete_step(tmp_path):
+    for step in (2, 10, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 10):  # 12 was renamed into place but killed before its marker
+        (tmp_path / f"checkpoint-{step}" / COMPLETE).write_text(str(step))
+    (tmp_path / "checkpoint-14.tmp").mkdir()
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [2, 10]  # by number, not by name
+    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-2")) == tmp_path / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="no COMPLETE marker"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))
 
 
 @pytest.mark.slow
