@@ -329,8 +329,21 @@ def latents_from_posterior(
     draw_device = generator.device if generator is not None else mean.device
     eps = torch.randn(mean.shape, generator=generator, device=draw_device, dtype=mean.dtype)
     eps = eps.to(device=mean.device, dtype=torch.float32, non_blocking=True)  # no host sync; see sample_sigmas
-    z = mean.float() + std.float() * eps
-    return (z - shift_factor) * scaling_factor
+    return normalize_latents(mean.float() + std.float() * eps, scaling_factor, shift_factor)
+
+
+def normalize_latents(z: Tensor, scaling_factor: float, shift_factor: float) -> Tensor:
+    """VAE latents as the transformer takes them: (z - shift_factor) * scaling_factor, in float32.
+
+    Args:
+        z: [B, C, H, W] latents (a posterior sample, or its mean for fixed inputs).
+        scaling_factor, shift_factor: ``vae.config`` values (0.3611 and 0.1159 for FLUX.1).
+
+    Returns:
+        [B, C, H, W] float32. The inverse of FluxPipeline's ``latents / scaling_factor + shift_factor``
+        before decoding.
+    """
+    return (z.float() - shift_factor) * scaling_factor
 
 
 def guidance_vector(batch_size: int, scale: float, device: torch.device | str | None) -> Tensor:

@@ -274,7 +274,8 @@ class Trainer:
         model, dev, total = self.accelerator.unwrap_model(self.transformer), self.device, 0.0
         for i, entry in enumerate(self.holdout):
             mean, _ = self.cache.latent_dist(entry)
-            x0 = ((mean.float() - self.cache.vae_shift_factor) * self.cache.vae_scaling_factor)[None].to(dev)
+            x0 = flow.normalize_latents(mean[None], scaling_factor=self.cache.vae_scaling_factor,
+                                        shift_factor=self.cache.vae_shift_factor).to(dev)
             t5, clip = (t[None].to(dev, self.weight_dtype) for t in self.cache.text(entry.caption_id))
             for k, sigma in enumerate(VALIDATION_SIGMAS):
                 gen = sample_generator(self.cfg.seed + 1, i * len(VALIDATION_SIGMAS) + k, dev)

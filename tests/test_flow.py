@@ -1,6 +1,7 @@
 """fluxlora.flow against diffusers' own FLUX pipeline, scheduler and training utilities."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from fluxlora.flow import (
     latents_from_posterior,
     loss_weights,
     noisy_latents,
+    normalize_latents,
     pack_latents,
     sample_sigmas,
     shift_sigmas,
@@ -27,6 +29,7 @@ from fluxlora.flow import (
     unpack_latents,
     velocity_target,
 )
+from fluxlora.trainer import Trainer
 
 # FLUX.1's scheduler config (tiny pipelines use the same one).
 SCHEDULER_CONFIG = dict(
@@ -323,6 +326,13 @@ def test_latents_from_posterior_bf16_posterior_gives_float32_near_diffusers():
     torch.testing.assert_close(ours, expected, rtol=2e-2, atol=1e-2)
 
 
+def test_normalize_latents_inverts_the_pipelines_scaling_before_decoding():
+    z = torch.randn(1, 16, 4, 4, generator=gen(5))
+    latents = normalize_latents(z, 0.3611, 0.1159)
+    torch.testing.assert_close(latents / 0.3611 + 0.1159, z)  # FluxPipeline, before vae.decode
+    assert torch.equal(latents_from_posterior(z, torch.zeros_like(z), 0.3611, 0.1159), latents)
+
+
 # ---------------------------------------------------------------- transformer conventions
 
 
@@ -363,6 +373,10 @@ def tiny_pipe(tiny_transformer):
     )
 
 
+# neither FluxPipeline's default (3.5) nor the trainer's (1.0): a call that ignores the setting shows
+GUIDANCE = 2.5
+
+
 @pytest.fixture(scope="module")
 def pipeline_calls(tiny_pipe):
     """Run FluxPipeline.__call__ for 3 steps on a 64x96 px image and record every transformer call."""
@@ -381,7 +395,7 @@ def pipeline_calls(tiny_pipe):
                 height=64,
                 width=96,
                 num_inference_steps=3,
-                guidance_scale=3.5,
+                guidance_scale=GUIDANCE,
                 latents=pack_latents(latents),
                 output_type="latent",
             )
@@ -391,18 +405,22 @@ def pipeline_calls(tiny_pipe):
 
 
 def _trainer_call(transformer, data, hidden_states, sigma):
-    """Call the transformer the way the trainer does: timestep = sigma, guidance = scale."""
+    """The transformer's output on the trainer's own call (`Trainer.flow_loss`: timestep, guidance, ids) at
+    `sigma`, guidance GUIDANCE. x0 = noise = the latents in `hidden_states`, so that x_t is those latents at any
+    sigma and only the conditioning moves."""
+    latents = unpack_latents(hidden_states, 8, 12)
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(guidance_scale=GUIDANCE), weight_dtype=torch.float32,
+                                    guidance_embeds=True)
+    outputs = []
+
+    def model(**inputs):
+        outputs.append(transformer(**inputs))
+        return outputs[-1]
+
     with torch.no_grad():
-        return transformer(
-            hidden_states=hidden_states,
-            timestep=torch.full((1,), sigma),
-            guidance=guidance_vector(1, 3.5, "cpu"),
-            pooled_projections=data["pooled"],
-            encoder_hidden_states=data["prompt_embeds"],
-            txt_ids=text_ids(7, "cpu", torch.float32),
-            img_ids=latent_image_ids(8, 12, "cpu", torch.float32),
-            return_dict=False,
-        )[0]
+        Trainer.flow_loss(trainer, model, latents, latents, torch.full((1,), sigma), data["prompt_embeds"],
+                          data["pooled"])
+    return outputs[0][0]
 
 
 def _pipeline_sigmas(data):
@@ -417,7 +435,7 @@ def test_pipeline_inputs_are_ours(pipeline_calls):
     assert torch.equal(kwargs["hidden_states"], pack_latents(pipeline_calls["latents"]))
     assert torch.equal(kwargs["img_ids"], latent_image_ids(8, 12, "cpu", torch.float32))
     assert torch.equal(kwargs["txt_ids"], text_ids(7, "cpu", torch.float32))
-    assert torch.equal(kwargs["guidance"], guidance_vector(1, 3.5, "cpu"))
+    assert torch.equal(kwargs["guidance"], guidance_vector(1, GUIDANCE, "cpu"))
     timesteps = torch.cat([c[0]["timestep"] for c in pipeline_calls["calls"]])
     torch.testing.assert_close(timesteps, torch.tensor(_pipeline_sigmas(pipeline_calls)))
 
@@ -449,7 +467,7 @@ def test_transformer_embeds_sigma_times_1000(tiny_transformer, pipeline_calls):
         hook.remove()
     timestep, guidance = seen[0]
     torch.testing.assert_close(timestep, torch.tensor([250.0]))
-    torch.testing.assert_close(guidance, torch.tensor([3500.0]))
+    torch.testing.assert_close(guidance, torch.tensor([GUIDANCE * 1000]))
 
 
 # ---------------------------------------------------------------- accelerator
