@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from fluxlora import precompute
 from fluxlora.cache import MANIFEST_NAME, CacheError, EmbeddingCache, rebuild_command
 from fluxlora.config import PrecomputeConfig, parse_config
+from fluxlora.sampler import Batch, load_batch
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,18 @@ def test_concurrent_and_unpickled_reads_equal_sequential_ones(built):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     clone = pickle.loads(pickle.dumps(fresh))  # as a DataLoader worker receives it
     assert all(torch.equal(clone.latent_dist(e)[0], want[0]) for e, want in zip(cache.entries, expected))
+
+
+def test_a_dropped_caption_loads_the_empty_captions_embeddings(built):
+    cache = EmbeddingCache(built)
+    entry = cache.entries[0]
+    data = load_batch(cache, Batch(position=0, entries=(entry, entry), sample_indices=(0, 1),
+                                   drop_caption=(False, True)))
+    kept, empty = cache.text(entry.caption_id), cache.text(cache.empty_caption_id)
+    assert not torch.equal(kept[0], empty[0])
+    for row, (t5, clip) in enumerate((kept, empty)):
+        assert torch.equal(data["t5"][row], t5) and torch.equal(data["clip"][row], clip)
+        assert torch.equal(data["mean"][row], cache.latent_dist(entry)[0])  # the image stays
 
 
 def test_missing_manifest_says_how_to_build(tmp_path):

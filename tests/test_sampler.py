@@ -54,10 +54,22 @@ def test_processes_split_each_global_batch_without_overlap():
 
 
 def test_order_depends_on_seed_only():
-    a = [BucketBatchStream(entries(SIZES), 2, seed=1).batch(p).entries for p in range(12)]
-    b = [BucketBatchStream(entries(SIZES), 2, seed=1).batch(p).entries for p in range(12)]
-    c = [BucketBatchStream(entries(SIZES), 2, seed=2).batch(p).entries for p in range(12)]
-    assert a == b and a != c
+    def order(seed):
+        stream = BucketBatchStream(entries(SIZES), 2, seed=seed, caption_dropout=0.5)
+        return [(stream.batch(p).entries, stream.batch(p).drop_caption) for p in range(12)]
+
+    a, b, c = order(1), order(1), order(2)
+    assert a == b
+    assert [e for e, _ in a] != [e for e, _ in c] and [d for _, d in a] != [d for _, d in c]
+
+
+def test_each_epoch_is_reshuffled_and_mixes_buckets():
+    stream = BucketBatchStream(entries(SIZES), 1, seed=4)  # batch 1: no carry, each epoch holds all 15
+    epochs = [[stream.batch(p).entries[0] for p in range(start, start + 15)] for start in (0, 15)]
+    assert sorted(epochs[0], key=str) == sorted(epochs[1], key=str) and epochs[0] != epochs[1]
+    buckets = [(e.width, e.height) for e in epochs[0]]
+    switches = sum(a != b for a, b in zip(buckets, buckets[1:]))
+    assert switches > len(SIZES) - 1  # not one bucket after another
 
 
 def test_iterate_resumes_mid_stream():
@@ -74,8 +86,9 @@ def test_caption_dropout_is_per_sample_and_near_its_rate():
     assert 0.2 < sum(drops) / len(drops) < 0.3
     split = BucketBatchStream(entries(SIZES), 2, seed=0, caption_dropout=0.25)
     # sample index, not process layout, decides
-    assert split.batch(3, 1, 2).drop_caption == (stream.batch(7).drop_caption[0],) or \
-        split.batch(3, 1, 2).sample_indices == (7,)
+    part = split.batch(3, 1, 2)
+    assert part.sample_indices == (7,) and part.drop_caption == stream.batch(7).drop_caption
+    assert [split.batch(p, r, 2).drop_caption[0] for p in range(50) for r in (0, 1)] == drops[:100]
 
 
 def test_resume_position_maps_to_a_new_global_batch():
