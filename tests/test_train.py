@@ -250,17 +250,31 @@ def test_checkpoint_whose_optimizer_state_does_not_fit_names_the_way_out(demo_ca
 def test_previews_and_sample_grid(demo_cache, tiny_flux_dev, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=2, checkpointing_steps=2, validation_steps=2,
-                   validation_width=64, validation_height=48, validation_inference_steps=2, optimizer="adamw"))
+                   validation_width=64, validation_height=48, validation_inference_steps=2,
+                   validation_guidance_scale=2.0, validation_seed=5, optimizer="adamw"))
+    import numpy as np
     from PIL import Image
 
+    prompts = (Path(__file__).parent.parent / "demo" / "validation_prompts.txt").read_text().splitlines()
     for step in ("step-000000", "step-000002"):
         pngs = sorted((out / "samples" / step).glob("*.png"))
         assert len(pngs) == 2
-        image = Image.open(pngs[0])
-        assert image.size == (64, 48)
-        assert image.text["prompt"] == (Path(__file__).parent.parent / "demo" / "validation_prompts.txt") \
-            .read_text().splitlines()[0]
+        for i, png in enumerate(pngs):
+            image = Image.open(png)
+            assert image.size == (64, 48)
+            assert image.text["prompt"] == prompts[i] and image.text["seed"] == str(5 + i)
     assert Image.open(out / "samples_grid.png").size[1] > 2 * 48
+
+    # the "before" round is FluxPipeline's image of each cached prompt at the seed its PNG records
+    cache = EmbeddingCache(demo_cache)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev, dtype=torch.float32)
+    for i, (prompt, caption_id) in enumerate(cache.validation):
+        t5, clip = cache.text(caption_id)
+        image = pipe(prompt_embeds=t5[None].float(), pooled_prompt_embeds=clip[None].float(), width=64, height=48,
+                     num_inference_steps=2, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(5 + i)).images[0]
+        preview = np.asarray(Image.open(out / "samples" / "step-000000" / f"{i:02d}.png"), dtype=np.int16)
+        assert np.abs(preview - np.asarray(image, dtype=np.int16)).max() <= 1, prompt
 
 
 def test_held_out_loss_is_logged_and_its_images_never_trained(demo_cache, tiny_flux_dev, tmp_path):
