@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,13 @@ def test_results_are_published_to_oxen_on_a_new_branch_and_resume_reuses_it(demo
     server = FakeServer({"README.md": b"# results"})
     monkeypatch.setattr(fluxlora_oxen, "OxenRemote", fake_remote_class(server))
 
+    # the demo cache as if built with --trigger_phrase sks: the model card names it
+    cache = Path(shutil.copytree(demo_cache, tmp_path / "cache"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["fingerprint"]["trigger_phrase"] = "sks"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "run"
-    train(make_cfg(demo_cache, tiny_flux_dev, out, oxen_repo="me/loras", oxen_upload_checkpoints=True))
+    train(make_cfg(cache, tiny_flux_dev, out, oxen_repo="me/loras", oxen_upload_checkpoints=True))
     branch = json.loads((out / "run.json").read_text())["oxen_branch"]
     assert branch.startswith("tracked-run") and server.branches["main"] == server.history(branch)[-1]
     files = server.files_at(branch)
@@ -102,11 +108,11 @@ def test_results_are_published_to_oxen_on_a_new_branch_and_resume_reuses_it(demo
     assert files["checkpoints/checkpoint-2/" + LORA_FILE] == (out / "checkpoint-2" / LORA_FILE).read_bytes()
     assert {"logs.jsonl", "loss_curve.png", "samples_grid.png", "README.md"} <= set(files)
     assert sum(p.startswith("samples/step-") for p in files) == 6
-    assert b"load_lora_weights" in files["README.md"]
+    assert b"load_lora_weights" in files["README.md"] and b"Trigger phrase: `sks`" in files["README.md"]
     assert server.files_at("main") == {"README.md": b"# results"}  # main untouched
 
     reset_accelerate()
-    train(make_cfg(demo_cache, tiny_flux_dev, out, oxen_repo="me/loras", max_train_steps=6,
+    train(make_cfg(cache, tiny_flux_dev, out, oxen_repo="me/loras", max_train_steps=6,
                    resume_from_checkpoint="latest"))
     assert [b for b in server.branches if b != "main"] == [branch]  # the same branch
     assert server.files_at(branch)[LORA_FILE] == (out / LORA_FILE).read_bytes()

@@ -17,7 +17,7 @@ from fluxlora import flow
 from fluxlora.cache import CacheError, EmbeddingCache
 from fluxlora.config import ConfigError, TrainConfig
 from fluxlora.metrics import read_jsonl
-from fluxlora.sampler import load_batch
+from fluxlora.sampler import BucketBatchStream, load_batch
 from fluxlora.trainer import LORA_FILE, Trainer, train
 
 from .conftest import reset_accelerate, tiny_lora_transformer, train_config
@@ -51,6 +51,22 @@ def test_loss_falls_on_demo_set(demo_cache, tiny_flux_dev, tmp_path):
     first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
     assert last < 0.9 * first, (first, last)
     assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+def test_log_rows_and_checkpoints_every_n_steps_and_at_the_last(demo_cache, tiny_flux_dev, tmp_path):
+    """Rows every --logging_steps and checkpoints every --checkpointing_steps, both also at the last step
+    when it is off the grid; each row holds the LR its step leaves and the epoch of its last batch."""
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=5, logging_steps=2, checkpointing_steps=2,
+                   train_batch_size=4, lr_scheduler="linear", lr_warmup_steps=2, optimizer="adamw"))
+    rows = read_jsonl(out / "logs.jsonl")
+    assert [row["step"] for row in rows] == [2, 4, 5]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    # linear: up to 1e-3 over 2 warmup steps, then down to 0 at step 5
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 1e-3 / 3, 0.0])
+    stream = BucketBatchStream(EmbeddingCache(demo_cache).entries, 4, seed=7)  # 12 images: ~3 batches an epoch
+    assert [row["epoch"] for row in rows] == [stream.epoch_of(row["step"] - 1) for row in rows]
+    assert rows[-1]["epoch"] >= 1
 
 
 def test_resume_matches_uninterrupted_run(demo_cache, tiny_flux_dev, tmp_path, monkeypatch):
