@@ -69,6 +69,26 @@ def test_log_rows_and_checkpoints_every_n_steps_and_at_the_last(demo_cache, tiny
     assert rows[-1]["epoch"] >= 1
 
 
+def test_a_rows_loss_and_sigma_are_means_over_its_steps_batches(demo_cache, tiny_flux_dev, tmp_path, monkeypatch):
+    drawn = []
+    original = Trainer.loss
+
+    def recording(self, batch, data):
+        loss, sigmas = original(self, batch, data)
+        drawn.append((loss.item(), sigmas.tolist()))
+        return loss, sigmas
+
+    monkeypatch.setattr(Trainer, "loss", recording)
+    out = tmp_path / "run"
+    train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=3, gradient_accumulation_steps=2,
+                   train_batch_size=2, optimizer="adamw"))
+    rows = read_jsonl(out / "logs.jsonl")
+    assert len(rows) == 3 and len(drawn) == 6
+    for row, first, second in zip(rows, drawn[0::2], drawn[1::2]):
+        assert row["loss"] == pytest.approx((first[0] + second[0]) / 2)
+        assert row["sigma"] == pytest.approx(sum(first[1] + second[1]) / 4)
+
+
 def test_resume_matches_uninterrupted_run(demo_cache, tiny_flux_dev, tmp_path, monkeypatch):
     """Killed after step 5 (checkpoint at 4), resumed from 'latest': the same LoRA as one run.
 
