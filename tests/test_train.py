@@ -249,6 +249,22 @@ def test_resume_latest_without_checkpoint_names_the_flag_before_any_model_loads(
         train(cfg)
 
 
+def test_init_lora_is_the_starting_point_in_fp32_over_a_bf16_base(demo_cache, tiny_flux_dev, tmp_path):
+    first = train(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "first", max_train_steps=2, checkpointing_steps=2,
+                           optimizer="adamw"))
+    reset_accelerate()
+    trainer = Trainer(make_cfg(demo_cache, tiny_flux_dev, tmp_path / "second", init_lora=str(first),
+                               mixed_precision="bf16", optimizer="adamw"))
+    model = trainer.accelerator.unwrap_model(trainer.transformer)
+    lora = {"transformer." + n.replace(".default.", "."): p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    saved = load_file(first)
+    assert lora.keys() == saved.keys()
+    assert all(torch.equal(lora[key].detach(), value.float()) for key, value in saved.items())
+    assert any(value.abs().sum() > 0 for key, value in saved.items() if "lora_B" in key)  # not the fresh init
+
+
 def test_interrupted_checkpoint_is_never_resumed(demo_cache, tiny_flux_dev, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=2,
@@ -698,8 +714,8 @@ def test_trainer_step_is_the_reference_step_on_the_same_batches(demo_cache, tiny
     losses and the same LoRA update over the batches the trainer drew."""
     from bench.bench_quality import compare, reference_path, trainer_path
 
-    # clipping at 0.01 acts on every step (the tiny model's gradient norms are ~0.1-0.2)
-    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", optimizer="adamw", max_grad_norm=0.01)
+    # clipping at 0.01 acts on every step (the tiny model's gradient norms are ~0.1-0.2); alpha 8 over rank 16
+    cfg = make_cfg(demo_cache, tiny_flux_dev, tmp_path / "run", optimizer="adamw", max_grad_norm=0.01, lora_alpha=8)
     run = trainer_path(cfg, steps=6)
     assert len(run["batches"]) == 6 and len(set(run["losses"])) == 6
 
