@@ -533,7 +533,7 @@ def _emit_kohya(modules: _Modules) -> dict[str, torch.Tensor]:
     def put(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
-        # fp32: bf16 cannot hold e.g. alpha 300 (3 x 100) exactly, and loaders call .item() anyway.
+        # fp32: bf16 would round e.g. alpha 30.3 (3 x 10.1) to 30.25, and loaders call .item() anyway.
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
     for name, lora in plain.items():

@@ -55,6 +55,7 @@ LOOP = ['tests/test_train.py', 'tests/test_tracking.py', 'tests/test_reliability
 OXEN = ['tests/test_tracking.py', '-k', 'oxen']
 LOG = ['tests/test_train.py', 'tests/test_tracking.py']
 MODEL = ['tests/test_train.py', 'tests/test_lora_io.py', 'tests/test_fp8.py']
+CONFIG = ['tests/test_config.py']
 
 MUTANTS = [
     M('fluxlora/flow.py', 'permute(0, 2, 4, 1, 3, 5)', 'permute(0, 2, 4, 1, 5, 3)', FLOW),
@@ -260,6 +261,35 @@ MUTANTS = [
     M('fluxlora/models.py',
       '        self.flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)',
       '        self.flat.grad = torch.cat([(torch.zeros_like(p)).reshape(-1)', MODEL),
+    M('fluxlora/config.py',
+      '        if self.lora_alpha is not None and self.lora_alpha <= 0:',
+      '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '            if not 0 <= getattr(self, name) < 1:',
+      '            if not 0 <= getattr(self, name) <= 1:', CONFIG),
+    M('fluxlora/config.py', '        if self.max_grad_norm < 0:', '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '        if self.cuda_graphs and self.gradient_accumulation_steps > 1:',
+      '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '        if self.fp8_base and self.mixed_precision != "bf16":',
+      '        if False:', CONFIG),
+    M('fluxlora/config.py', '        if self.init_lora and self.resume_from_checkpoint:', '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '        return float(self.rank if self.lora_alpha is None else self.lora_alpha)',
+      '        return float(self.rank)', MODEL),
+    M('fluxlora/config.py',
+      '        if (self.oxen_branch or self.oxen_upload_checkpoints) and not self.oxen_repo:',
+      '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '        if self.wandb_log_model and self.report_to not in ("wandb", "all"):',
+      '        if False:', CONFIG),
+    M('fluxlora/config.py',
+      '        if self.init_lora and not Path(self.init_lora).is_file():',
+      '        if False:', CONFIG),
+    M('fluxlora/lora_io.py',
+      '        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)',
+      '        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)', LORA_IO),
 ]
 
 

@@ -58,6 +58,12 @@ def test_list_flags_take_several_values_or_repeats():
     (["--validation_width", "1000"], "--validation_width"),
     (["--resolutions", "500"], "--resolutions"),
     (["--caption_dropout", "1.5"], "--caption_dropout"),
+    (["--lora_dropout", "1"], "--lora_dropout"),  # [0, 1): dropping every LoRA input trains nothing
+    (["--lora_alpha", "0"], "--lora_alpha"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm"),
+    (["--cuda_graphs", "--gradient_accumulation_steps", "2"], "--cuda_graphs"),
+    (["--base_model_precision", "fp8", "--mixed_precision", "fp16"], "--base_model_precision"),
+    (["--low_memory", "--mixed_precision", "no"], "--low_memory"),
     (["--init_lora", "/nonexistent.safetensors"], "--init_lora"),
     (["--resume_from_checkpoint", "/nonexistent-checkpoint"], "--resume_from_checkpoint"),
     (["--oxen_branch", "x"], "--oxen_repo"),

@@ -223,6 +223,9 @@ def test_kohya_export_names_shapes_and_alphas(tiny_flux_dev):
     assert kohya[f"{linear1}.lora_up.weight"].shape == (3 * 64 + 256, 16)
     assert kohya[f"{linear1}.alpha"].item() == 32
     assert kohya["lora_unet_double_blocks_1_img_mlp_2.alpha"].item() == 8
+    # alphas stay float32 whatever the weights' dtype: bf16 would round 3 x 10.1 to 30.25
+    odd = to_kohya(lora_state_dict(transformer, dtype=torch.bfloat16), alpha=10.1)
+    assert odd[f"{qkv}.alpha"].dtype == torch.float32 and odd[f"{qkv}.alpha"].item() == pytest.approx(30.3)
 
     # Block diagonal: q's rows use only q's rank columns.
     up = kohya[f"{qkv}.lora_up.weight"]
