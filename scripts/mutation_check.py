@@ -277,7 +277,7 @@ MUTANTS = [
     M('fluxlora/config.py', '        if self.init_lora and self.resume_from_checkpoint:', '        if False:', CONFIG),
     M('fluxlora/config.py',
       '        return float(self.rank if self.lora_alpha is None else self.lora_alpha)',
-      '        return float(self.rank)', MODEL),
+      '        return float(self.rank)', CONFIG),
     M('fluxlora/config.py',
       '        if (self.oxen_branch or self.oxen_upload_checkpoints) and not self.oxen_repo:',
       '        if False:', CONFIG),

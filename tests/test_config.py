@@ -44,6 +44,7 @@ def test_yaml_supplies_flags_and_the_command_line_wins(cache, tmp_path):
                          "lora_layers: [attn.to_q, attn.to_k]\ngradient_checkpointing: true\n")
     cfg = parse_config(TrainConfig, ["--config", str(yaml_file), "--rank", "8"])
     assert cfg.rank == 8 and cfg.alpha == 8.0  # alpha follows rank unless given
+    assert parse_config(TrainConfig, ["--config", str(yaml_file), "--lora_alpha", "4"]).alpha == 4.0
     assert cfg.learning_rate == 5e-5 and cfg.lora_layers == ["attn.to_q", "attn.to_k"]
     assert cfg.gradient_checkpointing is True
 
