@@ -1,6 +1,6 @@
 """Graph passes for the compiled blocks: LoRA down projections that read the same input as one GEMM,
-each LoRA up projection added to its base output inside a GEMM, the tanh GELU through a sigmoid, and a single
-block's q/k RMS norm with RoPE as one op with kernels of its own; after autograd, sums of GEMM outputs accumulated
+each LoRA up projection added to its base output inside a GEMM, the tanh GELU through a sigmoid, and the q/k RMS
+norms with RoPE as one op with kernels of its own; after autograd, sums of GEMM outputs accumulated
 in the large GEMMs' epilogues, in place, and one fp8 quantization per shared input.
 
 LoRA down projections. In each FLUX block several LoRA layers read one activation: q, k, v and the MLP's
@@ -33,7 +33,9 @@ H200 the kernels holding the activation ran 3-30% faster, sample.py's compiled 1
 q/k norm and RoPE. Inductor fuses a single block's q and k RMS norms with diffusers' `apply_rotary_emb` into one
 kernel per direction, but rotates value by value, each value gathering its pair partner: ~1 TB/s. The op
 `norm_rope.rms_norm_rope` reads each head row once, in Triton kernels forward and backward 2.5x faster: -4.4 ms
-per 1024 px fp8 step and -3.7 ms in bf16 on an H200 (bench/RESULTS.md, session 20).
+per 1024 px fp8 step and -3.7 ms in bf16 on an H200 with the single blocks' (bench/RESULTS.md, session 20). A
+double block's rotation reads the text and image streams' norms concatenated; the op takes the text stream as a
+lead with its own weight and writes the concatenation itself.
 
 These run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
 `F.linear`, `F.gelu`, `rms_norm` and RoPE calls, and autograd derives the backward of what they leave (the
@@ -304,35 +306,57 @@ def _rope(node: Node) -> tuple[Node, Node, Node, list[Node]] | None:
     return x, straight.args[1], turned.args[1], [node, add, straight, turned, straight.args[0], turned.args[0], *chain]
 
 
+def _frozen_rms_norm(node: object, users: int) -> tuple[Node, Node, float] | None:
+    """(x, weight, eps) where `node` is `rms_norm(x, (D,), weight, eps)` over x's last dimension with a weight that
+    takes no gradient, read by `users` nodes. Else None."""
+    if not (_function(node, torch.rms_norm, torch.nn.functional.rms_norm) and len(node.args) == 4
+            and not node.kwargs and len(node.users) == users and isinstance(node.args[2], Node)):
+        return None
+    x, shape, weight, eps = node.args
+    example = _example(weight)
+    if tuple(shape) != (_example(x).shape[-1],) or not isinstance(eps, float) or example is None:
+        return None
+    return None if example.requires_grad else (x, weight, eps)
+
+
+def _rope_input_norms(x: Node) -> tuple[tuple, list[Node]] | None:
+    """(the op's arguments after the tables: eps and, for a double block, the lead and its weight, with x and its
+    weight first; the norm nodes) where the rotation's input `x` is `rms_norm(x)` (a single block, read by the
+    rotation's two paths) or `cat([rms_norm(text), rms_norm(image)], 1)` (a double block). Else None."""
+    if not _function(x, torch.cat):
+        found = _frozen_rms_norm(x, users=2)
+        return None if found is None else (found, [x])
+    if len(x.users) != 2 or _arg(x, 1, "dim") != 1 or len(x.args[0]) != 2:
+        return None
+    lead, main = (_frozen_rms_norm(part, users=1) for part in x.args[0])
+    if lead is None or main is None or lead[2] != main[2]:
+        return None
+    return (main[0], main[1], main[2], lead[0], lead[1]), [x, *x.args[0]]
+
+
 def rms_norm_rope_as_one_op(graph: Graph) -> int:
     """Replace each `apply_rotary_emb(rms_norm(x, (D,), weight, eps), (cos, sin), sequence_dim=1)` (a single
-    block's q and k) by `norm_rope.rms_norm_rope(x, weight, cos, sin, eps)`, whose Triton kernels read each head
-    row once. Returns the number replaced.
+    block's q and k) by `norm_rope.rms_norm_rope(x, weight, cos, sin, eps)`, and each `apply_rotary_emb(cat(
+    [rms_norm(text, ...), rms_norm(x, ...)], 1), ...)` (a double block's, the text stream first) by the op with
+    the text stream as its lead: Triton kernels that read each head row once. Returns the number replaced.
 
-    Only where the norm's weight and the tables take no gradient (the frozen base's; the op gives x its only
-    gradient). The double blocks' rotation reads the text and image streams' norms concatenated, and is left to
-    Inductor."""
+    Only where the norms' weights and the tables take no gradient (the frozen base's; the op gives x and the lead
+    their only gradients)."""
     replaced = 0
     for node in list(graph.nodes):
         found = _rope(node)
-        if found is None:
+        norms = None if found is None else _rope_input_norms(found[0])
+        if norms is None or any(_example(t).requires_grad for t in found[1:3]):
             continue
-        normed, cos, sin, chain = found
-        if not (_function(normed, torch.rms_norm, torch.nn.functional.rms_norm) and len(normed.args) == 4
-                and not normed.kwargs and len(normed.users) == 2 and isinstance(normed.args[2], Node)):
-            continue
-        x, shape, weight, eps = normed.args
-        frozen = [_example(n) for n in (weight, cos, sin)]
-        if (tuple(shape) != (_example(x).shape[-1],) or not isinstance(eps, float)
-                or any(t is None or t.requires_grad for t in frozen)):  # the op gives x its only gradient
-            continue
+        (x, weight, eps, *lead), erased = norms
+        _, cos, sin, chain = found
         with graph.inserting_before(node):
-            tables = [graph.call_method("flatten", (t, 0, 2)) for t in (cos, sin)]  # [1, S, 1, D] -> [S, D]
-            op = graph.call_function(torch.ops.fluxlora.rms_norm_rope.default, (x, weight, *tables, eps))
+            flat = [graph.call_method("flatten", (t, 0, 2)) for t in (cos, sin)]  # [1, S, 1, D] -> [S, D]
+            op = graph.call_function(torch.ops.fluxlora.rms_norm_rope.default, (x, weight, *flat, eps, *lead))
             out = graph.call_function(operator.getitem, (op, 0))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
-        _erase_unused([*chain, normed])
+        _erase_unused([*chain, *erased])
         replaced += 1
     return replaced
 

@@ -23,30 +23,40 @@ except ImportError:  # CPU-only installs: the op runs its torch formula
     triton = None
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, H, D], weight [D], cos and sin [S, D] fp32 -> (out [B, S, H, D] in x's dtype, rstd [B, S, H]
-    fp32): `apply_rotary_emb(RMSNorm(x), (cos, sin), sequence_dim=1)` as diffusers computes it."""
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    y = (xf * rstd[..., None] * weight.float()).to(x.dtype).float()
+def reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+              lead: torch.Tensor | None = None,
+              lead_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D], weight [D], cos and sin [T + S, D] fp32, optionally lead [B, T, H, D] with its own weight
+    -> (out [B, T + S, H, D] in x's dtype, rstd [B, T + S, H] fp32): `apply_rotary_emb(cat([RMSNorm(lead),
+    RMSNorm(x)], 1), (cos, sin), sequence_dim=1)` as diffusers computes it (a double block's text stream leads)."""
+    parts = [(x, weight)] if lead is None else [(lead, lead_weight), (x, weight)]
+    rstd = torch.cat([torch.rsqrt(p.float().pow(2).mean(-1) + eps) for p, _ in parts], 1)
+    y = torch.cat([(p.float() * r[..., None] * w.float()).to(x.dtype)
+                   for (p, w), r in zip(parts, rstd.split([p.shape[1] for p, _ in parts], 1))], 1).float()
     real, imag = y.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], -1).flatten(-2)
     return (y * cos[:, None] + rotated * sin[:, None]).to(x.dtype), rstd
 
 
 def reference_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The input gradient of `reference` (grad and x [B, S, H, D], rstd [B, S, H]) -> [B, S, H, D] in x's dtype,
-    computed in fp32: the rotation's transpose, then RMS norm's backward with a frozen weight."""
+                       sin: torch.Tensor, rstd: torch.Tensor, lead: torch.Tensor | None = None,
+                       lead_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The input gradients of `reference` (grad [B, T + S, H, D], rstd [B, T + S, H]) -> (lead's [B, T, H, D] or
+    None, x's [B, S, H, D]) in x's dtype, computed in fp32: the rotation's transpose, then RMS norm's backward with
+    a frozen weight."""
     g = grad.float()
     g0, g1 = g.unflatten(-1, (-1, 2)).unbind(-1)
     c0, c1 = cos[:, None].unflatten(-1, (-1, 2)).unbind(-1)
     s0, s1 = sin[:, None].unflatten(-1, (-1, 2)).unbind(-1)
     # out[2i] = y[2i] c[2i] - y[2i+1] s[2i];  out[2i+1] = y[2i+1] c[2i+1] + y[2i] s[2i+1]
-    gy = torch.stack([g0 * c0 + g1 * s1, g1 * c1 - g0 * s0], -1).flatten(-2) * weight.float()
-    xhat = x.float() * rstd[..., None]
-    return (rstd[..., None] * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))).to(x.dtype)
+    gy = torch.stack([g0 * c0 + g1 * s1, g1 * c1 - g0 * s0], -1).flatten(-2)
+    parts = [(x, weight)] if lead is None else [(lead, lead_weight), (x, weight)]
+    sizes = [p.shape[1] for p, _ in parts]
+    grads = []
+    for (p, w), gp, r in zip(parts, gy.split(sizes, 1), rstd.split(sizes, 1)):
+        gw, xhat = gp * w.float(), p.float() * r[..., None]
+        grads.append((r[..., None] * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype))
+    return (None, grads[0]) if lead is None else (grads[0], grads[1])
 
 
 if triton is not None:
@@ -73,15 +83,30 @@ if triton is not None:
         return tl.reshape(tl.join(even, odd), (ROWS, D))
 
     @triton.jit
-    def _forward_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, rows, S, H, stride_xb, stride_xs,
-                        eps, D: tl.constexpr, ROWS: tl.constexpr):
-        """ROWS head rows (b, s, h) per program: x rows at b*stride_xb + s*stride_xs + h*D, out and rstd
-        contiguous [B, S, H, D] and [B, S, H], tables [S, D]."""
+    def _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T,
+                    D: tl.constexpr):
+        """[ROWS, D] fp32: the rows of cat([lead, x], 1) (lead's T tokens first; T = 0 without one)."""
+        return (_load_rows(lead_ptr, stride_lb, stride_ls, b, s, h, mask & (s < T), D)
+                + _load_rows(x_ptr, stride_xb, stride_xs, b, s - T, h, mask & (s >= T), D))
+
+    @triton.jit
+    def _weights(w_ptr, lw_ptr, s, T, D: tl.constexpr):
+        """[ROWS, D] fp32: each row's norm weight, lead's for its T tokens, x's for the rest."""
+        d = tl.arange(0, D)
+        w, lw = tl.load(w_ptr + d).to(tl.float32), tl.load(lw_ptr + d).to(tl.float32)
+        return tl.where((s < T)[:, None], lw[None, :], w[None, :])
+
+    @triton.jit
+    def _forward_kernel(x_ptr, w_ptr, lead_ptr, lw_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, rows, S, T, H,
+                        stride_xb, stride_xs, stride_lb, stride_ls, eps, D: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS head rows (b, s, h) of cat([lead, x], 1) per program, S tokens of which lead's T: x rows at
+        b*stride_xb + (s - T)*stride_xs + h*D, lead's at b*stride_lb + s*stride_ls + h*D; out and rstd contiguous
+        [B, S, H, D] and [B, S, H], tables [S, D]."""
         r, mask, b, s, h = _rows(ROWS, rows, S, H)
-        x = _load_rows(x_ptr, stride_xb, stride_xs, b, s, h, mask, D)
+        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D)
         rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
-        w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
-        y0, y1 = _pairs((x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32), ROWS, D)
+        y = (x * rstd[:, None] * _weights(w_ptr, lw_ptr, s, T, D)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y0, y1 = _pairs(y, ROWS, D)
         c0, c1 = _pairs(_load_rows(cos_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
         s0, s1 = _pairs(_load_rows(sin_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
         out = _interleave(y0 * c0 - y1 * s0, y1 * c1 + y0 * s1, ROWS, D)
@@ -90,21 +115,23 @@ if triton is not None:
         tl.store(rstd_ptr + r, rstd, mask=mask)
 
     @triton.jit
-    def _backward_kernel(g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, gx_ptr, rows, S, H, stride_gb, stride_gs,
-                         stride_xb, stride_xs, D: tl.constexpr, ROWS: tl.constexpr):
-        """The input gradient of `_forward_kernel`'s rows: grad rows at b*stride_gb + s*stride_gs + h*D, gx
-        contiguous [B, S, H, D]."""
+    def _backward_kernel(g_ptr, x_ptr, w_ptr, lead_ptr, lw_ptr, cos_ptr, sin_ptr, rstd_ptr, gx_ptr, gl_ptr, rows, S,
+                         T, H, stride_gb, stride_gs, stride_xb, stride_xs, stride_lb, stride_ls, D: tl.constexpr,
+                         ROWS: tl.constexpr):
+        """The input gradients of `_forward_kernel`'s rows: grad rows at b*stride_gb + s*stride_gs + h*D; x's
+        gradient contiguous [B, S - T, H, D] in gx, lead's [B, T, H, D] in gl."""
         r, mask, b, s, h = _rows(ROWS, rows, S, H)
         g0, g1 = _pairs(_load_rows(g_ptr, stride_gb, stride_gs, b, s, h, mask, D), ROWS, D)
         c0, c1 = _pairs(_load_rows(cos_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
         s0, s1 = _pairs(_load_rows(sin_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
-        w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
-        gy = _interleave(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, ROWS, D) * w[None, :]
+        gy = _interleave(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, ROWS, D) * _weights(w_ptr, lw_ptr, s, T, D)
         rstd = tl.load(rstd_ptr + r, mask=mask, other=0.0)
-        xhat = _load_rows(x_ptr, stride_xb, stride_xs, b, s, h, mask, D) * rstd[:, None]
-        gx = rstd[:, None] * (gy - xhat * (tl.sum(gy * xhat, 1) / D)[:, None])
-        tl.store(gx_ptr + r[:, None] * D + tl.arange(0, D)[None, :], gx.to(gx_ptr.dtype.element_ty),
-                 mask=mask[:, None])
+        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D)
+        xhat = x * rstd[:, None]
+        gx = (rstd[:, None] * (gy - xhat * (tl.sum(gy * xhat, 1) / D)[:, None])).to(gx_ptr.dtype.element_ty)
+        d = tl.arange(0, D)[None, :]
+        tl.store(gx_ptr + (((b * (S - T) + s - T) * H + h) * D)[:, None] + d, gx, mask=(mask & (s >= T))[:, None])
+        tl.store(gl_ptr + (((b * T + s) * H + h) * D)[:, None] + d, gx, mask=(mask & (s < T))[:, None])
 
 
 # Head rows per program and warps: among the fastest of ROWS 4-32 x 2-8 warps at 1024 px on an H200
@@ -129,57 +156,72 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fluxlora::rms_norm_rope", mutates_args=())
-def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, H, D], weight [D], cos and sin [S, D] fp32 -> (out [B, S, H, D] contiguous, rstd [B, S, H] fp32):
-    FLUX's q or k after its RMS norm and rotary embedding."""
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  lead: torch.Tensor | None = None,
+                  lead_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D], weight [D], cos and sin [T + S, D] fp32, optionally lead [B, T, H, D] and its weight [D]
+    -> (out [B, T + S, H, D] contiguous, rstd [B, T + S, H] fp32): FLUX's q or k after its RMS norm and rotary
+    embedding, a single block's (no lead) or a double block's (the text stream's q or k leading)."""
     if not _on_triton(x):
-        return reference(x, weight, cos, sin, eps)
+        return reference(x, weight, cos, sin, eps, lead, lead_weight)
     x = _packed(x)
     B, S, H, D = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty((B, S, H), dtype=torch.float32, device=x.device)
-    rows = B * S * H
+    lead, lead_weight = (x[:, :0], weight) if lead is None else (_packed(lead), lead_weight)
+    T = lead.shape[1]
+    out = torch.empty((B, T + S, H, D), dtype=x.dtype, device=x.device)
+    rstd = torch.empty((B, T + S, H), dtype=torch.float32, device=x.device)
+    rows = B * (T + S) * H
     grid = (triton.cdiv(rows, _FORWARD_TILING["ROWS"]),)
-    _forward_kernel[grid](x, weight, cos.contiguous(), sin.contiguous(), out, rstd, rows, S, H, x.stride(0),
-                          x.stride(1), eps, D=D, **_FORWARD_TILING)
+    _forward_kernel[grid](x, weight, lead, lead_weight, cos.contiguous(), sin.contiguous(), out, rstd, rows, T + S, T,
+                          H, x.stride(0), x.stride(1), lead.stride(0), lead.stride(1), eps, D=D, **_FORWARD_TILING)
     return out, rstd
 
 
 @rms_norm_rope.register_fake
-def _(x, weight, cos, sin, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:3], dtype=torch.float32)
+def _(x, weight, cos, sin, eps, lead=None, lead_weight=None):
+    B, S, H, D = x.shape
+    T = 0 if lead is None else lead.shape[1]
+    return x.new_empty((B, T + S, H, D)), x.new_empty((B, T + S, H), dtype=torch.float32)
 
 
 @torch.library.custom_op("fluxlora::rms_norm_rope_backward", mutates_args=())
 def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The input gradient of `rms_norm_rope` (grad and x [B, S, H, D]) -> [B, S, H, D] contiguous."""
+                           sin: torch.Tensor, rstd: torch.Tensor, lead: torch.Tensor | None = None,
+                           lead_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradients of `rms_norm_rope` (grad [B, T + S, H, D]) -> (x's [B, S, H, D], lead's [B, T, H, D]
+    (T = 0 without a lead)), contiguous."""
     if not _on_triton(x):
-        return reference_backward(grad, x, weight, cos, sin, rstd)
+        g_lead, gx = reference_backward(grad, x, weight, cos, sin, rstd, lead, lead_weight)
+        return gx, x.new_empty((x.shape[0], 0, *x.shape[2:])) if g_lead is None else g_lead
     x, grad = _packed(x), _packed(grad)
     B, S, H, D = x.shape
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rows = B * S * H
+    lead, lead_weight = (x[:, :0], weight) if lead is None else (_packed(lead), lead_weight)
+    T = lead.shape[1]
+    gx, g_lead = torch.empty_like(x, memory_format=torch.contiguous_format), lead.new_empty(lead.shape)
+    rows = B * (T + S) * H
     grid = (triton.cdiv(rows, _BACKWARD_TILING["ROWS"]),)
-    _backward_kernel[grid](grad, x, weight, cos.contiguous(), sin.contiguous(), rstd, gx, rows, S, H, grad.stride(0),
-                           grad.stride(1), x.stride(0), x.stride(1), D=D, **_BACKWARD_TILING)
-    return gx
+    _backward_kernel[grid](grad, x, weight, lead, lead_weight, cos.contiguous(), sin.contiguous(), rstd, gx, g_lead,
+                           rows, T + S, T, H, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), lead.stride(0),
+                           lead.stride(1), D=D, **_BACKWARD_TILING)
+    return gx, g_lead
 
 
 @rms_norm_rope_backward.register_fake
-def _(grad, x, weight, cos, sin, rstd):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _(grad, x, weight, cos, sin, rstd, lead=None, lead_weight=None):
+    T = 0 if lead is None else lead.shape[1]
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], T, *x.shape[2:]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, cos, sin, _ = inputs
-    ctx.save_for_backward(x, weight, cos, sin, output[1])
+    x, weight, cos, sin, _, lead, lead_weight = inputs
+    ctx.has_lead = lead is not None
+    ctx.save_for_backward(x, weight, cos, sin, output[1], lead, lead_weight)
 
 
 def _backward(ctx, grad_out, grad_rstd):
-    x, weight, cos, sin, rstd = ctx.saved_tensors
-    return rms_norm_rope_backward(grad_out, x, weight, cos, sin, rstd), None, None, None, None
+    x, weight, cos, sin, rstd, lead, lead_weight = ctx.saved_tensors
+    gx, g_lead = rms_norm_rope_backward(grad_out, x, weight, cos, sin, rstd, lead, lead_weight)
+    return gx, None, None, None, None, g_lead if ctx.has_lead else None, None
 
 
 rms_norm_rope.register_autograd(_backward, setup_context=_setup_context)

@@ -1,6 +1,9 @@
-"""The fused q/k RMS norm + rotary embedding op: its torch formula against diffusers' modules, its gradient
-against fp64 autograd, its registrations, and on a GPU its Triton kernels against the formula."""
+"""The fused q/k RMS norm + rotary embedding op, for a single block's q (no lead) and a double block's (the text
+stream's q leading the image stream's): its torch formula against diffusers' modules, its gradients against fp64
+autograd, its registrations, and on a GPU its Triton kernels against the formula."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,97 +15,147 @@ from fluxlora import norm_rope
 EPS = 1e-6
 
 
-def inputs(device: str = "cpu", tokens: int = 24, heads: int = 4, dim: int = 16, batch: int = 2,
-           flux_tables: bool = True):
-    """x [B, S, H, D] bf16 as a slice of a wider GEMM output (row stride 3 H D), a norm weight, rotary tables
-    [S, D] fp32 and an output gradient laid out as attention's backward gives it ([B, H, S, D] transposed).
-    The tables are FLUX's for random positions (each pair's two entries equal), or with `flux_tables=False`
-    random values, so that a formula that takes one pair entry for the other fails."""
+@dataclass
+class Case:
+    """x [B, S, H, D] and, for a double block, lead [B, T, H, D], each with its own norm weight [D]; rotary tables
+    [T + S, D] fp32; an output gradient [B, T + S, H, D]."""
+    x: torch.Tensor
+    weight: torch.Tensor
+    lead: torch.Tensor | None
+    lead_weight: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    grad: torch.Tensor
+
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.x, self.weight)] if self.lead is None else [(self.lead, self.lead_weight), (self.x, self.weight)]
+
+
+def case(device: str = "cpu", tokens: int = 24, lead_tokens: int = 0, heads: int = 4, dim: int = 16, batch: int = 2,
+         flux_tables: bool = True) -> Case:
+    """x and lead bf16, each a slice of a wider GEMM output (row stride 3 H D), and the gradient laid out as
+    attention's backward gives it ([B, H, S, D] transposed). The tables are FLUX's for random positions (each
+    pair's two entries equal), or with `flux_tables=False` random values, so that a formula that takes one pair
+    entry for the other fails."""
     gen = torch.Generator().manual_seed(0)
-    wide = torch.randn(batch, tokens, 3 * heads * dim, generator=gen) * 3
-    x = wide.bfloat16()[..., heads * dim:2 * heads * dim].unflatten(-1, (heads, dim)).to(device)
-    weight = (torch.rand(dim, generator=gen) + 0.5).bfloat16().to(device)
-    ids = torch.randint(0, 64, (tokens, 3), generator=gen).float()
+
+    def slice_of_gemm_output(n: int) -> torch.Tensor:
+        wide = torch.randn(batch, n, 3 * heads * dim, generator=gen) * 3
+        return wide.bfloat16()[..., heads * dim:2 * heads * dim].unflatten(-1, (heads, dim)).to(device)
+
+    def weight() -> torch.Tensor:
+        return (torch.rand(dim, generator=gen) + 0.5).bfloat16().to(device)
+
+    x, x_weight = slice_of_gemm_output(tokens), weight()
+    lead, lead_weight = (slice_of_gemm_output(lead_tokens), weight()) if lead_tokens else (None, None)
+    total = lead_tokens + tokens
+    ids = torch.randint(0, 64, (total, 3), generator=gen).float()
     axes = (dim // 8, 3 * dim // 8, dim // 2)  # FLUX's (16, 56, 56) for 128, scaled down
     cos, sin = FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)
     if not flux_tables:
-        cos, sin = (torch.rand(tokens, dim, generator=gen) * 2 - 1 for _ in range(2))
-    cos, sin = cos.to(device), sin.to(device)
-    grad = torch.randn(batch, heads, tokens, dim, generator=gen).bfloat16().to(device).transpose(1, 2)
-    return x, weight, cos, sin, grad
+        cos, sin = (torch.rand(total, dim, generator=gen) * 2 - 1 for _ in range(2))
+    grad = torch.randn(batch, heads, total, dim, generator=gen).bfloat16().to(device).transpose(1, 2)
+    return Case(x, x_weight, lead, lead_weight, cos.to(device), sin.to(device), grad)
 
 
-def diffusers_q(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """What FLUX's attention processor computes for q: torch.nn.RMSNorm (the module FLUX builds), then
-    `apply_rotary_emb(..., sequence_dim=1)`, in x's dtype."""
-    norm = torch.nn.RMSNorm(x.shape[-1], eps=EPS).to(x.device, weight.dtype)
-    norm.weight.data.copy_(weight)
-    norm.weight.requires_grad_(False)
-    return apply_rotary_emb(norm(x), (cos, sin), sequence_dim=1)
+def diffusers_q(c: Case, parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What FLUX's attention processor computes for q: each stream through its torch.nn.RMSNorm (the module FLUX
+    builds), the text stream first, then `apply_rotary_emb(..., sequence_dim=1)`; `parts` in place of the case's
+    tensors (with their weights), all in `dtype` if given."""
+    normed = []
+    for x, weight in parts or c.parts():
+        norm = torch.nn.RMSNorm(x.shape[-1], eps=EPS).to(x.device, dtype or weight.dtype).requires_grad_(False)
+        norm.weight.copy_(weight)
+        normed.append(norm(x.to(dtype) if dtype else x))
+    tables = (c.cos.double(), c.sin.double()) if dtype == torch.float64 else (c.cos, c.sin)
+    return apply_rotary_emb(torch.cat(normed, 1), tables, sequence_dim=1)
 
 
-def fp64_gradient(x, weight, cos, sin, grad) -> torch.Tensor:
-    """The input gradient of `diffusers_q` computed in fp64."""
-    x64 = x.double().requires_grad_()
-    diffusers_q(x64, weight.double(), cos.double(), sin.double()).backward(grad.double())
-    return x64.grad
+def autograd_gradients(c: Case, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The input gradients of `diffusers_q` (lead's first), computed by autograd in `dtype` (x's if None)."""
+    inputs = [(x.detach().to(dtype or x.dtype).requires_grad_(), w) for x, w in c.parts()]
+    diffusers_q(c, inputs, dtype).backward(c.grad.to(dtype or c.grad.dtype))
+    return [x.grad for x, _ in inputs]
+
+
+def op_gradients(c: Case) -> list[torch.Tensor]:
+    """The input gradients of the op (lead's first) through its autograd registration."""
+    x = c.x.detach().requires_grad_()
+    lead = None if c.lead is None else c.lead.detach().requires_grad_()
+    out, _ = norm_rope.rms_norm_rope(x, c.weight, c.cos, c.sin, EPS, lead, c.lead_weight)
+    out.backward(c.grad)
+    return [x.grad] if lead is None else [lead.grad, x.grad]
+
+
+CASES = [pytest.param({}, id="single"), pytest.param({"tokens": 16, "lead_tokens": 8}, id="double")]
 
 
 @pytest.mark.parametrize("flux_tables", [True, False])
-def test_formula_is_diffusers_to_the_bit(flux_tables):
-    x, weight, cos, sin, _ = inputs(flux_tables=flux_tables)
-    out, rstd = norm_rope.reference(x, weight, cos, sin, EPS)
-    assert out.dtype == torch.bfloat16 and out.shape == x.shape and rstd.shape == x.shape[:3]
-    assert torch.equal(out, diffusers_q(x, weight, cos, sin))
-    torch.testing.assert_close(rstd, x.float().pow(2).mean(-1).add(EPS).rsqrt())
+@pytest.mark.parametrize("shape", CASES)
+def test_formula_is_diffusers_to_the_bit(shape, flux_tables):
+    c = case(**shape, flux_tables=flux_tables)
+    out, rstd = norm_rope.reference(c.x, c.weight, c.cos, c.sin, EPS, c.lead, c.lead_weight)
+    total = c.grad.shape[1]
+    assert out.dtype == torch.bfloat16 and out.shape == c.grad.shape and rstd.shape == (2, total, 4)
+    assert torch.equal(out, diffusers_q(c))
+    joint = torch.cat([x for x, _ in c.parts()], 1)
+    torch.testing.assert_close(rstd, joint.float().pow(2).mean(-1).add(EPS).rsqrt())
 
 
-def test_gradient_formula_is_exact_and_closer_to_fp64_than_bf16_autograd():
-    """In fp64 the formula is autograd's gradient (a sign, a table entry or the norm's term off is off by O(1));
-    in bf16 it is no further from the fp64 gradient than diffusers' own bf16 backward."""
-    x, weight, cos, sin, grad = inputs(flux_tables=False)
-    truth = fp64_gradient(x, weight, cos, sin, grad)
-    x64 = x.double()
-    rstd64 = x64.pow(2).mean(-1).add(EPS).rsqrt()
-    exact = norm_rope.reference_backward(grad.double(), x64, weight.double(), cos.double(), sin.double(), rstd64)
-    torch.testing.assert_close(exact.double(), truth, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("shape", CASES)
+def test_gradient_formula_is_exact_and_closer_to_fp64_than_bf16_autograd(shape):
+    """In fp64 the formula is autograd's gradient (a sign, a table entry, a stream's weight or the norm's term off
+    is off by O(1)); in bf16 it is no further from the fp64 gradient than diffusers' own bf16 backward."""
+    c = case(**shape, flux_tables=False)
+    truth = autograd_gradients(c, torch.float64)
+    c64 = Case(*(None if t is None else t.double() for t in (c.x, c.weight, c.lead, c.lead_weight, c.cos, c.sin,
+                                                               c.grad)))
+    rstd64 = torch.cat([x.pow(2).mean(-1).add(EPS).rsqrt() for x, _ in c64.parts()], 1)
+    exact = norm_rope.reference_backward(c64.grad, c64.x, c64.weight, c64.cos, c64.sin, rstd64, c64.lead,
+                                         c64.lead_weight)
+    assert (exact[0] is None) == (c.lead is None)
+    for ours, expected in zip([g for g in exact if g is not None], truth):
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
 
-    _, rstd = norm_rope.reference(x, weight, cos, sin, EPS)
-    ours = norm_rope.reference_backward(grad, x, weight, cos, sin, rstd)
-    xb = x.clone().requires_grad_()
-    diffusers_q(xb, weight, cos, sin).backward(grad)
-    assert ours.dtype == torch.bfloat16
-    assert (ours.double() - truth).abs().max() <= (xb.grad.double() - truth).abs().max()
+    _, rstd = norm_rope.reference(c.x, c.weight, c.cos, c.sin, EPS, c.lead, c.lead_weight)
+    grads = norm_rope.reference_backward(c.grad, c.x, c.weight, c.cos, c.sin, rstd, c.lead, c.lead_weight)
+    for ours, theirs, expected in zip([g for g in grads if g is not None], autograd_gradients(c), truth):
+        assert ours.dtype == torch.bfloat16
+        assert (ours.double() - expected).abs().max() <= (theirs.double() - expected).abs().max()
 
 
-def test_op_registrations():
-    """Fake tensors, autograd and schema as torch.compile uses them; the op's gradient is its formula's."""
-    x, weight, cos, sin, grad = inputs()
-    x = x.detach().requires_grad_()
-    torch.library.opcheck(norm_rope.rms_norm_rope, (x, weight, cos, sin, EPS))
-    out, _ = norm_rope.rms_norm_rope(x, weight, cos, sin, EPS)
-    out.backward(grad)
-    _, rstd = norm_rope.reference(x.detach(), weight, cos, sin, EPS)
-    assert torch.equal(x.grad, norm_rope.reference_backward(grad, x.detach(), weight, cos, sin, rstd))
+@pytest.mark.parametrize("shape", CASES)
+def test_op_registrations(shape):
+    """Fake tensors, autograd and schema as torch.compile uses them; the op's gradients are its formula's."""
+    c = case(**shape)
+    lead = None if c.lead is None else c.lead.detach().requires_grad_()
+    torch.library.opcheck(norm_rope.rms_norm_rope,
+                          (c.x.detach().requires_grad_(), c.weight, c.cos, c.sin, EPS, lead, c.lead_weight))
+    _, rstd = norm_rope.reference(c.x, c.weight, c.cos, c.sin, EPS, c.lead, c.lead_weight)
+    expected = norm_rope.reference_backward(c.grad, c.x, c.weight, c.cos, c.sin, rstd, c.lead, c.lead_weight)
+    for got, want in zip(op_gradients(c), [g for g in expected if g is not None], strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
-def test_triton_kernels_match_the_formula_at_flux_shapes():
-    """1024 px single block: 4608 tokens x 24 heads x 128, q a slice of the fused GEMM output, the gradient
-    transposed, tables whose pair entries differ. The forward as diffusers' but for rare values whose bf16 rounding
-    of the normed row flips (rstd's fp32 sum runs in another order): a wrong index or sign is off on most values,
-    by O(1). The gradient no further from fp64 than diffusers' bf16 backward."""
-    x, weight, cos, sin, grad = inputs("cuda", tokens=4608, heads=24, dim=128, batch=1, flux_tables=False)
-    x = x.detach().requires_grad_()
-    out, rstd = norm_rope.rms_norm_rope(x, weight, cos, sin, EPS)
-    expected = diffusers_q(x.detach(), weight, cos, sin)
+@pytest.mark.parametrize("shape", [pytest.param({"tokens": 4608}, id="single"),
+                                   pytest.param({"tokens": 4096, "lead_tokens": 512}, id="double")])
+def test_triton_kernels_match_the_formula_at_flux_shapes(shape):
+    """1024 px: 4608 tokens x 24 heads x 128 (a double block's 512 text tokens leading), q a slice of the fused GEMM
+    output, the gradient transposed, tables whose pair entries differ. The forward as diffusers' but for rare values
+    whose bf16 rounding of the normed row flips (rstd's fp32 sum runs in another order): a wrong index, sign or
+    weight is off on most values of a stream, by O(1). The gradients no further from fp64 than diffusers' bf16
+    backward."""
+    c = case("cuda", **shape, heads=24, dim=128, batch=1, flux_tables=False)
+    out, rstd = norm_rope.rms_norm_rope(c.x, c.weight, c.cos, c.sin, EPS, c.lead, c.lead_weight)
+    expected = diffusers_q(c)
     assert (out != expected).float().mean() < 1e-3
     assert (out.float() - expected.float()).abs().max() <= 2 ** -4
-    torch.testing.assert_close(rstd, x.detach().float().pow(2).mean(-1).add(EPS).rsqrt())
-    out.backward(grad)
-    truth = fp64_gradient(x.detach(), weight, cos, sin, grad)
-    xb = x.detach().clone().requires_grad_()
-    diffusers_q(xb, weight, cos, sin).backward(grad)
-    ours, theirs = (x.grad.double() - truth).abs(), (xb.grad.double() - truth).abs()
-    assert ours.mean() <= theirs.mean() and ours.max() <= 1.5 * theirs.max(), (ours.mean(), theirs.mean(),
-                                                                                ours.max(), theirs.max())
+    joint = torch.cat([x for x, _ in c.parts()], 1)
+    torch.testing.assert_close(rstd, joint.float().pow(2).mean(-1).add(EPS).rsqrt())
+    for ours, theirs, truth in zip(op_gradients(c), autograd_gradients(c), autograd_gradients(c, torch.float64),
+                                   strict=True):
+        ours, theirs = (ours.double() - truth).abs(), (theirs.double() - truth).abs()
+        assert ours.mean() <= theirs.mean() and ours.max() <= 1.5 * theirs.max(), (ours.mean(), theirs.mean(),
+                                                                                    ours.max(), theirs.max())
