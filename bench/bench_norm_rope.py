@@ -75,13 +75,13 @@ def main() -> None:
                 def forward(o=o, r=r, tiling=tiling, main_x=main_x, lead=lead):
                     norm_rope._forward_kernel[grid](main_x, weight, lead, weight, cos, sin, o, r, rows, S,
                                                     lead.shape[1], H, main_x.stride(0), main_x.stride(1),
-                                                    lead.stride(0), lead.stride(1), 1e-6, D=D, **tiling)
+                                                    lead.stride(0), lead.stride(1), 1e-6, D=D, LEAD=text > 0, **tiling)
 
                 def backward(gx=gx, g_lead=g_lead, tiling=tiling, main_x=main_x, lead=lead):
                     norm_rope._backward_kernel[grid](grad, main_x, weight, lead, weight, cos, sin, rstd, gx, g_lead,
                                                      rows, S, lead.shape[1], H, grad.stride(0), grad.stride(1),
                                                      main_x.stride(0), main_x.stride(1), lead.stride(0),
-                                                     lead.stride(1), D=D, **tiling)
+                                                     lead.stride(1), D=D, LEAD=text > 0, **tiling)
 
                 fwd, bwd = timed_us(forward), timed_us(backward)
                 print(json.dumps({"row": f"triton, {block} block", **tiling,

@@ -84,28 +84,37 @@ if triton is not None:
 
     @triton.jit
     def _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T,
-                    D: tl.constexpr):
-        """[ROWS, D] fp32: the rows of cat([lead, x], 1) (lead's T tokens first; T = 0 without one)."""
-        return (_load_rows(lead_ptr, stride_lb, stride_ls, b, s, h, mask & (s < T), D)
-                + _load_rows(x_ptr, stride_xb, stride_xs, b, s - T, h, mask & (s >= T), D))
+                    D: tl.constexpr, LEAD: tl.constexpr):
+        """[ROWS, D] fp32: the rows of cat([lead, x], 1), lead's T tokens first (LEAD), or of x alone."""
+        if LEAD:
+            x = (_load_rows(lead_ptr, stride_lb, stride_ls, b, s, h, mask & (s < T), D)
+                 + _load_rows(x_ptr, stride_xb, stride_xs, b, s - T, h, mask & (s >= T), D))
+        else:
+            x = _load_rows(x_ptr, stride_xb, stride_xs, b, s, h, mask, D)
+        return x
 
     @triton.jit
-    def _weights(w_ptr, lw_ptr, s, T, D: tl.constexpr):
-        """[ROWS, D] fp32: each row's norm weight, lead's for its T tokens, x's for the rest."""
+    def _weights(w_ptr, lw_ptr, s, T, D: tl.constexpr, LEAD: tl.constexpr):
+        """[ROWS, D] or [1, D] fp32: each row's norm weight, lead's for its T tokens (LEAD), x's for the rest."""
         d = tl.arange(0, D)
-        w, lw = tl.load(w_ptr + d).to(tl.float32), tl.load(lw_ptr + d).to(tl.float32)
-        return tl.where((s < T)[:, None], lw[None, :], w[None, :])
+        w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        if LEAD:
+            w = tl.where((s < T)[:, None], tl.load(lw_ptr + d).to(tl.float32)[None, :], w)
+        return w
 
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, lead_ptr, lw_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr, rows, S, T, H,
-                        stride_xb, stride_xs, stride_lb, stride_ls, eps, D: tl.constexpr, ROWS: tl.constexpr):
+                        stride_xb, stride_xs, stride_lb, stride_ls, eps, D: tl.constexpr, ROWS: tl.constexpr,
+                        LEAD: tl.constexpr):
         """ROWS head rows (b, s, h) of cat([lead, x], 1) per program, S tokens of which lead's T: x rows at
         b*stride_xb + (s - T)*stride_xs + h*D, lead's at b*stride_lb + s*stride_ls + h*D; out and rstd contiguous
-        [B, S, H, D] and [B, S, H], tables [S, D]."""
+        [B, S, H, D] and [B, S, H], tables [S, D]. Without a lead (LEAD false, T = 0) the lead's loads, weight
+        and index arithmetic are compiled out: a single block's kernels are the plain ones."""
         r, mask, b, s, h = _rows(ROWS, rows, S, H)
-        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D)
+        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D, LEAD)
         rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
-        y = (x * rstd[:, None] * _weights(w_ptr, lw_ptr, s, T, D)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = x * rstd[:, None] * _weights(w_ptr, lw_ptr, s, T, D, LEAD)
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
         y0, y1 = _pairs(y, ROWS, D)
         c0, c1 = _pairs(_load_rows(cos_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
         s0, s1 = _pairs(_load_rows(sin_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
@@ -117,21 +126,24 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(g_ptr, x_ptr, w_ptr, lead_ptr, lw_ptr, cos_ptr, sin_ptr, rstd_ptr, gx_ptr, gl_ptr, rows, S,
                          T, H, stride_gb, stride_gs, stride_xb, stride_xs, stride_lb, stride_ls, D: tl.constexpr,
-                         ROWS: tl.constexpr):
+                         ROWS: tl.constexpr, LEAD: tl.constexpr):
         """The input gradients of `_forward_kernel`'s rows: grad rows at b*stride_gb + s*stride_gs + h*D; x's
         gradient contiguous [B, S - T, H, D] in gx, lead's [B, T, H, D] in gl."""
         r, mask, b, s, h = _rows(ROWS, rows, S, H)
         g0, g1 = _pairs(_load_rows(g_ptr, stride_gb, stride_gs, b, s, h, mask, D), ROWS, D)
         c0, c1 = _pairs(_load_rows(cos_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
         s0, s1 = _pairs(_load_rows(sin_ptr, 0, D, 0, s, 0, mask, D), ROWS, D)
-        gy = _interleave(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, ROWS, D) * _weights(w_ptr, lw_ptr, s, T, D)
+        gy = _interleave(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, ROWS, D) * _weights(w_ptr, lw_ptr, s, T, D, LEAD)
         rstd = tl.load(rstd_ptr + r, mask=mask, other=0.0)
-        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D)
+        x = _load_parts(x_ptr, stride_xb, stride_xs, lead_ptr, stride_lb, stride_ls, b, s, h, mask, T, D, LEAD)
         xhat = x * rstd[:, None]
         gx = (rstd[:, None] * (gy - xhat * (tl.sum(gy * xhat, 1) / D)[:, None])).to(gx_ptr.dtype.element_ty)
         d = tl.arange(0, D)[None, :]
-        tl.store(gx_ptr + (((b * (S - T) + s - T) * H + h) * D)[:, None] + d, gx, mask=(mask & (s >= T))[:, None])
-        tl.store(gl_ptr + (((b * T + s) * H + h) * D)[:, None] + d, gx, mask=(mask & (s < T))[:, None])
+        if LEAD:  # row r = (b S + s) H + h: x's row (b (S - T) + s - T) H + h, lead's (b T + s) H + h
+            tl.store(gx_ptr + ((r - T * H * (b + 1)) * D)[:, None] + d, gx, mask=(mask & (s >= T))[:, None])
+            tl.store(gl_ptr + ((r - (S - T) * H * b) * D)[:, None] + d, gx, mask=(mask & (s < T))[:, None])
+        else:
+            tl.store(gx_ptr + r[:, None] * D + d, gx, mask=mask[:, None])
 
 
 # Head rows per program and warps: among the fastest of ROWS 4-32 x 2-8 warps at 1024 px on an H200
@@ -173,7 +185,8 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     rows = B * (T + S) * H
     grid = (triton.cdiv(rows, _FORWARD_TILING["ROWS"]),)
     _forward_kernel[grid](x, weight, lead, lead_weight, cos.contiguous(), sin.contiguous(), out, rstd, rows, T + S, T,
-                          H, x.stride(0), x.stride(1), lead.stride(0), lead.stride(1), eps, D=D, **_FORWARD_TILING)
+                          H, x.stride(0), x.stride(1), lead.stride(0), lead.stride(1), eps, D=D, LEAD=T > 0,
+                          **_FORWARD_TILING)
     return out, rstd
 
 
@@ -202,7 +215,7 @@ def rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     grid = (triton.cdiv(rows, _BACKWARD_TILING["ROWS"]),)
     _backward_kernel[grid](grad, x, weight, lead, lead_weight, cos.contiguous(), sin.contiguous(), rstd, gx, g_lead,
                            rows, T + S, T, H, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), lead.stride(0),
-                           lead.stride(1), D=D, **_BACKWARD_TILING)
+                           lead.stride(1), D=D, LEAD=T > 0, **_BACKWARD_TILING)
     return gx, g_lead
 
 
