@@ -68,7 +68,7 @@ def main() -> None:
         for per_program in (4, 8, 16, 32):
             for warps in (2, 4, 8):
                 o, r = torch.empty_like(out), torch.empty_like(rstd)
-                gx, g_lead = torch.empty(main_x.shape, dtype=x.dtype, device="cuda"), torch.empty_like(lead)
+                gin = torch.empty_like(out)
                 grid = (-(-rows // per_program),)
                 tiling = {"ROWS": per_program, "num_warps": warps}
 
@@ -77,11 +77,11 @@ def main() -> None:
                                                     lead.shape[1], H, main_x.stride(0), main_x.stride(1),
                                                     lead.stride(0), lead.stride(1), 1e-6, D=D, LEAD=text > 0, **tiling)
 
-                def backward(gx=gx, g_lead=g_lead, tiling=tiling, main_x=main_x, lead=lead):
-                    norm_rope._backward_kernel[grid](grad, main_x, weight, lead, weight, cos, sin, rstd, gx, g_lead,
-                                                     rows, S, lead.shape[1], H, grad.stride(0), grad.stride(1),
-                                                     main_x.stride(0), main_x.stride(1), lead.stride(0),
-                                                     lead.stride(1), D=D, LEAD=text > 0, **tiling)
+                def backward(gin=gin, tiling=tiling, main_x=main_x, lead=lead):
+                    norm_rope._backward_kernel[grid](grad, main_x, weight, lead, weight, cos, sin, rstd, gin, rows, S,
+                                                     lead.shape[1], H, grad.stride(0), grad.stride(1), main_x.stride(0),
+                                                     main_x.stride(1), lead.stride(0), lead.stride(1), D=D,
+                                                     LEAD=text > 0, **tiling)
 
                 fwd, bwd = timed_us(forward), timed_us(backward)
                 print(json.dumps({"row": f"triton, {block} block", **tiling,
@@ -90,7 +90,7 @@ def main() -> None:
                                   "backward_us": round(bwd, 1), "backward_tb_s": round(1.5 * moved_mb / bwd, 2)}))
 
     out, rstd = norm_rope.rms_norm_rope(x, weight, cos, sin, 1e-6)
-    gx, _ = norm_rope.rms_norm_rope_backward(grad, x, weight, cos, sin, rstd)
+    gx = norm_rope.rms_norm_rope_backward(grad, x, weight, cos, sin, rstd)
     eager_x = x.detach().clone().requires_grad_()
     eager = apply_rotary_emb(norm(eager_x), (cos, sin), sequence_dim=1)
     eager.backward(grad)
