@@ -35,7 +35,7 @@ kernel per direction, but rotates value by value, each value gathering its pair 
 `norm_rope.rms_norm_rope` reads each head row once, in Triton kernels forward and backward 2.5x faster: -4.4 ms
 per 1024 px fp8 step and -3.7 ms in bf16 on an H200 with the single blocks' (bench/RESULTS.md, session 20). A
 double block's rotation reads the text and image streams' norms concatenated; the op takes the text stream as a
-lead with its own weight and writes the concatenation itself.
+lead with its own weight and writes the concatenation itself: another -0.9 to -1.3 ms per fp8 step (session 22).
 
 These run on Dynamo's graph before autograd (Inductor's `pre_grad_custom_pass`): they see the model's
 `F.linear`, `F.gelu`, `rms_norm` and RoPE calls, and autograd derives the backward of what they leave (the

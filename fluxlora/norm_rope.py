@@ -145,7 +145,8 @@ if triton is not None:
 
 # Head rows per program and warps: among the fastest of ROWS 4-32 x 2-8 warps at 1024 px on an H200
 # (bench/bench_norm_rope.py; bench/RESULTS.md, session 20): ~25 us per call forward and backward in the training step
-# for a single block's q or k (28 MB each way), where Inductor's kernel for q and k together took 113 and 127 us.
+# for a single block's q or k (28 MB each way), where Inductor's kernel for q and k together took 113 and 127 us. A
+# double block's: 23 us forward, 42 us backward (session 22; why the backward is slower there is not known yet).
 _FORWARD_TILING = {"ROWS": 8, "num_warps": 2}
 _BACKWARD_TILING = {"ROWS": 8, "num_warps": 4}
 
