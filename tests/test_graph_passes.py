@@ -141,8 +141,12 @@ def test_gelu_through_a_sigmoid_gives_the_same_outputs_and_gradients(tiny_flux_d
 def test_rms_norm_rope_as_one_op_gives_the_same_outputs_and_gradients(tiny_flux_dev, kind):
     """q and k each through one `rms_norm_rope`, a double block's with the text stream as the lead (on the CPU the
     op's torch formula: the block's output to the bit, its gradients computed in fp32 from the rotation to the
-    norms' inputs). Random positions: zeros make RoPE the identity."""
+    norms' inputs). Random positions (zeros make RoPE the identity) and norm weights (each its own)."""
     transformer, block, _ = lora_block(tiny_flux_dev, kind)
+    gen = torch.Generator().manual_seed(3)
+    for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):  # ones at init: a swapped weight would pass
+        if hasattr(block.attn, name):
+            getattr(block.attn, name).weight.data.uniform_(0.5, 1.5, generator=gen)
     ids = torch.randint(0, 64, (TOKENS + TEXT_TOKENS, 3), generator=torch.Generator().manual_seed(2)).float()
     rope = transformer.pos_embed(ids)
     replaced: list[int] = []
@@ -151,6 +155,23 @@ def test_rms_norm_rope_as_one_op_gives_the_same_outputs_and_gradients(tiny_flux_
     assert replaced == [2]
     assert torch.equal(results[0], reference[0])
     assert_as_close_to_fp32(block, rope, results, reference, factor=1.5)
+
+
+@pytest.mark.parametrize("kind, change", [("single", "trained norm weight"), ("double", "trained norm weight"),
+                                          ("double", "other eps")])
+def test_rms_norm_rope_as_one_op_leaves_what_it_cannot_take(tiny_flux_dev, kind, change):
+    """The op gives its inputs their only gradients and one eps to the whole concatenation: q is left to Inductor
+    where its (image) norm's weight trains, or, in a double block, where the text stream's norm has another eps;
+    k is still replaced, and the block's output is unchanged."""
+    transformer, block, rope = lora_block(tiny_flux_dev, kind)
+    if change == "trained norm weight":
+        block.attn.norm_q.weight.requires_grad_(True)
+    else:
+        block.attn.norm_added_q.eps *= 10
+    replaced: list[int] = []
+    results = forward_backward(block, captured(block, rms_norm_rope_as_one_op, replaced), rope)
+    assert replaced == [1]
+    assert torch.equal(results[0], forward_backward(block, block, rope)[0])
 
 
 @pytest.mark.parametrize("kind, layers", [("single", 5), ("double", 12)])
