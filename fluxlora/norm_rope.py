@@ -5,7 +5,8 @@ diffusers' attention processor normalizes q and k per head (`torch.nn.RMSNorm`, 
 two into one reduction per head row, but computes the rotation element by element, each value gathering its
 partner through index arithmetic and re-reading the fp32 tables for each of the 24 heads: ~1 TB/s on an H200,
 a quarter of its bandwidth (bench/RESULTS.md, session 19). These kernels read each row once, split it into its
-pairs, and write the rotated row once.
+pairs, and write the rotated row once. A double block normalizes its text and image streams' q (or k), each with
+its own weight, and rotates their concatenation: the op takes the text stream as a `lead` and writes the whole.
 
 Numerics: eager diffusers' (the norm in fp32, rounded to the input dtype, the rotation in fp32, rounded again);
 the backward in fp32 from the output gradient to the input gradient, rounded once.
