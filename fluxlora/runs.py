@@ -525,7 +525,8 @@ def loss_chart_svg(rows: Sequence[Mapping[str, Any]], *, width: int = 640, heigh
                    ema: float = 0.9) -> str:
     """An inline SVG of the loss per step (light) and its exponential moving average (dark).
 
-    Same smoothing as ``fluxlora.metrics.plot_loss_curve``'s PNG. The lines carry the classes
+    The average weighs the previous value by ``ema`` (``fluxlora.metrics.plot_loss_curve``'s PNG picks its
+    weight from the log's length; a live log grows, so this one is fixed). The lines carry the classes
     ``loss-raw`` and ``loss-ema`` and the SVG ``loss-chart``; with no finite loss yet it holds
     only the frame and a note.
     """

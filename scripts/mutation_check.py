@@ -11,7 +11,8 @@ alter behaviour). Exits 1 if any survived. Takes about 15 minutes on 2 cores; no
 
 Session 21 built this list from the mutants that had survived until tests were added for them (session 22 added
 four for the q/k op's lead, three of which survived: the pass's test ran with norm weights all ones, and nothing
-checked the pass's guards, one eps and frozen weights);
+checked the pass's guards, one eps and frozen weights; and five of 23 planted in the notebook's helpers and the Oxen
+adapter);
 changes that cannot alter behaviour on the suite's data (e.g. sorting rows that are already in order)
 are left out.
 """
@@ -59,6 +60,8 @@ LOG = ['tests/test_train.py', 'tests/test_tracking.py']
 MODEL = ['tests/test_train.py', 'tests/test_lora_io.py', 'tests/test_fp8.py']
 CONFIG = ['tests/test_config.py']
 NORM_ROPE = ['tests/test_norm_rope.py', 'tests/test_graph_passes.py', '-k', 'rope']
+NOTEBOOK = ['tests/test_notebook.py', '-k', 'not browser']
+OXEN_ONLY = ['tests/test_oxen.py']
 
 MUTANTS = [
     M('fluxlora/flow.py', 'permute(0, 2, 4, 1, 3, 5)', 'permute(0, 2, 4, 1, 5, 3)', FLOW),
@@ -306,6 +309,18 @@ MUTANTS = [
     M('fluxlora/norm_rope.py',
       'return gx if g_lead is None else torch.cat([g_lead, gx], 1)',
       'return gx if g_lead is None else torch.cat([gx, g_lead], 1)', NORM_ROPE),
+    # session 22: the notebook's helpers and the Oxen adapter (18 of 23 candidates were killed already)
+    M('fluxlora/runs.py', 'average = ema * average + (1 - ema) * value',
+      'average = ema * value + (1 - ema) * average', NOTEBOOK),
+    M('fluxlora/runs.py', 'fits = upscale_factor(image.width, image.height, bucket) <= max_upscale',
+      'fits = upscale_factor(image.width, image.height, bucket) < max_upscale', NOTEBOOK),
+    M('fluxlora/runs.py', '        command.append(_text_flag("trigger_phrase", settings.trigger_phrase.strip()))',
+      '        command += ["--trigger_phrase", settings.trigger_phrase.strip()]', NOTEBOOK),
+    M('fluxlora/runs.py',
+      '        if self._stopping and (len(self.returncodes) < len(self.steps) or self.returncodes[-1] != 0):',
+      '        if self._stopping and len(self.returncodes) < len(self.steps):', NOTEBOOK),
+    M('fluxlora/oxen.py', '"api key", "authenticat", "does not exist", "not found"))',
+      '"api key", "authenticat"))', OXEN_ONLY),
 ]
 
 

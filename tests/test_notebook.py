@@ -143,13 +143,14 @@ def test_settings_refuse_what_the_launch_cannot_do():
 
 
 def test_commands_pass_awkward_text_through_to_the_scripts():
-    settings = runs.RunSettings(dataset="my data/imgs", trigger_phrase="-sks style-", resolutions=(512, 1024),
-                                validation_prompts=("--not a flag", "a cat, 'quoted'"), learning_rate=4e-4,
+    # argparse takes a "-"-led value with a space for a value anyway; without one, only --flag=value passes it
+    settings = runs.RunSettings(dataset="my data/imgs", trigger_phrase="-sks-", resolutions=(512, 1024),
+                                validation_prompts=("--not a flag", "-dash", "a cat, 'quoted'"), learning_rate=4e-4,
                                 steps=5000, resume=True)
     pre = parse_script_args(runs.precompute_command(settings), "precompute_embeddings.py", PrecomputeConfig)
     assert pre.dataset == "my data/imgs"
-    assert pre.trigger_phrase == "-sks style-"
-    assert pre.validation_prompts == ["--not a flag", "a cat, 'quoted'"]
+    assert pre.trigger_phrase == "-sks-"
+    assert pre.validation_prompts == ["--not a flag", "-dash", "a cat, 'quoted'"]
     assert pre.resolutions == [512, 1024]
     train = parse_script_args(runs.train_command(settings), "train_flux_lora.py", TrainConfig)
     assert train.learning_rate == 4e-4
@@ -301,6 +302,17 @@ def test_job_stop_ends_the_running_step_and_skips_the_rest(tmp_path):
     assert "never" not in (tmp_path / "job.log").read_text()
 
 
+def test_job_stopped_during_its_last_step_is_stopped_not_failed(tmp_path):
+    job = runs.Job([runs.Step("train", _py("import time; print('up', flush=True); time.sleep(60)"))],
+                   tmp_path / "job.log").start()
+    deadline = time.monotonic() + 30
+    while "up" not in runs.tail_text(tmp_path / "job.log") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.stop(grace=10)
+    assert job.wait(30)
+    assert (job.state, job.returncodes, job.describe()) == ("stopped", [-signal.SIGTERM], "stopped during train")
+
+
 def test_tail_text_shows_progress_bars_as_a_terminal_does(tmp_path):
     log = tmp_path / "console.log"
     assert runs.tail_text(log) == ""
@@ -371,6 +383,7 @@ def test_loss_chart_svg():
     ema = _polyline(svg, "loss-ema")
     assert len(ema) == 3 and ema[0] == raw[0]
     assert raw[1][1] > ema[1][1]  # the average lags behind the drop
+    assert ema[1][1] == pytest.approx(12 + 0.1 * 200)  # 0.9 x 2.0 + 0.1 x 1.0 = 1.9, a tenth down the 200 px frame
 
 
 # ---------------------------------------------------------------------------------- images on disk
@@ -459,6 +472,10 @@ def test_scan_dataset_shows_skips_and_per_resolution_buckets(tmp_path):
     counts = runs.bucket_counts(rows)
     assert counts[64] == {(80, 48): 1, (64, 64): 1}
     assert counts[256] == {(368, 176): 1}
+    _png(tmp_path / "exact" / "e.png", size=(128, 128))
+    (tmp_path / "exact" / "e.txt").write_text("e")  # exactly 2x to 256 px: precompute skips only above --max_upscale
+    assert runs.scan_dataset(str(tmp_path / "exact"), [256], max_upscale=2.0, root=tmp_path)[0].buckets == {
+        256: (256, 256)}
     with pytest.raises(FileNotFoundError):
         runs.scan_dataset("no/such/folder/here", [64], root=tmp_path)
     with pytest.raises(ValueError, match="fetched by precompute"):

@@ -560,12 +560,15 @@ def test_upload_results_gives_up_with_a_warning(results, caplog):
     assert {rel: p.read_bytes() for rel, p in results.items()} == before
 
 
-def test_upload_results_does_not_retry_auth_errors(results, caplog):
+@pytest.mark.parametrize("message", ["401 Unauthorized", "Repository ox/flux not found",
+                                     "Remote repository ox/flux does not exist"])
+def test_upload_results_does_not_retry_what_another_attempt_cannot_fix(results, caplog, message):
+    """Bad credentials and a missing repository fail at once (a retry would only wait)."""
     server = FakeServer({"x": b"x"})
-    server.faults["init"] = [ValueError("401 Unauthorized")] * 5
+    server.faults["init"] = [ValueError(message)] * 5
     with caplog.at_level(logging.WARNING, logger="fluxlora.oxen"):
         assert _upload(server, results) is None  # _no_sleep fails the test on any wait
-    assert server.count("init") == 1 and "401" in caplog.text
+    assert server.count("init") == 1 and message in caplog.text
 
 
 def test_upload_results_scrubs_credentials(results, caplog, capsys, oxen_config, monkeypatch):
