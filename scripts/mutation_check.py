@@ -62,6 +62,8 @@ CONFIG = ['tests/test_config.py']
 NORM_ROPE = ['tests/test_norm_rope.py', 'tests/test_graph_passes.py', '-k', 'rope']
 NOTEBOOK = ['tests/test_notebook.py', '-k', 'not browser']
 OXEN_ONLY = ['tests/test_oxen.py']
+PROMPTS = ['tests/test_sample.py', '-k', 'jsonl or prompt_file or per_seed']
+CHECKPOINTS = ['tests/test_train.py', 'tests/test_reliability.py']
 
 MUTANTS = [
     M('fluxlora/flow.py', 'permute(0, 2, 4, 1, 3, 5)', 'permute(0, 2, 4, 1, 5, 3)', FLOW),
@@ -321,6 +323,24 @@ MUTANTS = [
       '        if self._stopping and len(self.returncodes) < len(self.steps):', NOTEBOOK),
     M('fluxlora/oxen.py', '"api key", "authenticat", "does not exist", "not found"))',
       '"api key", "authenticat"))', OXEN_ONLY),
+    M('fluxlora/prompts.py', '        if isinstance(value, bool) or not isinstance(value, (int, float))',
+      '        if not isinstance(value, (int, float))', PROMPTS),
+    M('fluxlora/prompts.py', '    if not (path.suffix == ".jsonl" or (lines and lines[0][1].lstrip().startswith("{"))):',
+      '    if not path.suffix == ".jsonl":', PROMPTS),
+    M('fluxlora/tracking.py', '    return cfg.run_name or Path(cfg.output_dir).resolve().name',
+      '    return cfg.run_name or "run"', ['tests/test_tracking.py']),
+    M('fluxlora/checkpoint.py', '            for _, old in complete_checkpoints(output_dir)[:-total_limit]:',
+      '            for _, old in complete_checkpoints(output_dir)[total_limit:]:', CHECKPOINTS),
+    M('fluxlora/checkpoint.py',
+      '        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save\n        tmp.mkdir(parents=True)',
+      '        tmp.mkdir(parents=True, exist_ok=True)', CHECKPOINTS),
+    M('fluxlora/checkpoint.py',
+      '        if final.exists():  # a re-save of the same step after a resume\n            shutil.rmtree(final)\n', '',
+      CHECKPOINTS),
+    M('fluxlora/checkpoint.py', '    if load_state is None and (path / FSDP_OPTIMIZER_FILE).is_file():', '    if False:',
+      CHECKPOINTS),
+    M('fluxlora/metrics.py', '        except json.JSONDecodeError:\n            continue',
+      '        except json.JSONDecodeError:\n            break', CHECKPOINTS + ['tests/test_tracking.py']),
 ]
 
 

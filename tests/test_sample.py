@@ -287,6 +287,10 @@ def test_a_text_prompt_file_has_one_prompt_a_line(tiny_flux_dev, tmp_path):
     prompt_file.write_text(f"{PROMPTS[0]}\n\n  {PROMPTS[1]}  \n")
     jobs = read_prompts(make_cfg(tiny_flux_dev, tmp_path, prompt=[], prompt_file=str(prompt_file), seed=[4]))
     assert [(job.prompt, job.seed) for job in jobs] == [(PROMPTS[0], 4), (PROMPTS[1], 4)]
+    # a file of JSON lines under another name is read as JSONL (its first line starts with "{")
+    prompt_file.write_text('\n{"prompt": "a fox", "seed": 9}\n')
+    jobs = read_prompts(make_cfg(tiny_flux_dev, tmp_path, prompt=[], prompt_file=str(prompt_file), seed=[4]))
+    assert [(job.prompt, job.seed) for job in jobs] == [("a fox", 9)]
 
 
 def test_each_prompt_is_rendered_once_per_seed(tiny_flux_dev, tmp_path):
@@ -406,6 +410,7 @@ def test_sizes_not_multiples_of_16_are_refused(tiny_flux_dev, tmp_path, capsys):
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a", "steps": 4}', r"unknown keys \['steps'\]"),
     ('{"prompt": "a", "seed": 1.5}', "seed must be an integer, not 1.5"),
+    ('{"prompt": "a", "seed": true}', "seed must be an integer, not True"),
     ('{"prompt": "a", "guidance_scale": "high"}', "guidance_scale must be a number"),
     ('{"prompt": "a", "num_inference_steps": 0}', "num_inference_steps must be at least 1"),
     ('{"seed": 3}', 'needs a "prompt" string'),

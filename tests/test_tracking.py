@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from fluxlora import tracking
 from fluxlora.config import TrainConfig
 from fluxlora.metrics import read_jsonl
 from fluxlora.trainer import train
@@ -63,6 +65,14 @@ def test_wandb_offline_run_holds_metrics_config_images_and_resumes(demo_cache, t
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
     resumed = [r["_step"] for r in wandb_offline.history(files[-1]) if "loss" in r]
     assert resumed == [5, 6]
+
+
+def test_a_run_is_named_after_its_output_folder_unless_named(tmp_path, monkeypatch):
+    """The W&B run's and the Oxen branch's name: --run_name, else the output folder's own name."""
+    monkeypatch.chdir(tmp_path)
+    assert tracking.run_name(SimpleNamespace(run_name=None, output_dir="loras/sks-dog/")) == "sks-dog"
+    assert tracking.run_name(SimpleNamespace(run_name=None, output_dir=".")) == tmp_path.name
+    assert tracking.run_name(SimpleNamespace(run_name="tracked run", output_dir="loras/sks-dog")) == "tracked run"
 
 
 def test_tensorboard_event_file_holds_the_jsonl_losses(demo_cache, tiny_flux_dev, tmp_path):

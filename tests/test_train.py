@@ -281,11 +281,16 @@ def test_interrupted_checkpoint_is_never_resumed(demo_cache, tiny_flux_dev, tmp_
     assert trainer.step == 4
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["position"] == 4 and state["world_size"] == 1
+    (out / "checkpoint-6.tmp" / "stale.bin").write_bytes(b"from the killed save")
+    trainer.run()  # saves checkpoint-6 afresh: nothing of the killed save's folder is kept
+    assert (out / "checkpoint-6" / "COMPLETE").is_file() and not (out / "checkpoint-6" / "stale.bin").exists()
+    assert not list(out.glob("*.tmp"))
 
 
 def test_checkpoint_whose_optimizer_state_does_not_fit_names_the_way_out(demo_cache, tiny_flux_dev, tmp_path):
-    """A checkpoint from before the flat LoRA tensor (one optimizer entry per LoRA tensor) cannot resume."""
-    from fluxlora.checkpoint import CheckpointError
+    """A checkpoint from before the flat LoRA tensor (one optimizer entry per LoRA tensor) cannot resume, nor one
+    written under FSDP without it."""
+    from fluxlora.checkpoint import FSDP_OPTIMIZER_FILE, CheckpointError
 
     out = tmp_path / "run"
     train(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=2, checkpointing_steps=2, optimizer="adamw"))
@@ -295,6 +300,12 @@ def test_checkpoint_whose_optimizer_state_does_not_fit_names_the_way_out(demo_ca
     torch.save(state, optimizer_file)
     reset_accelerate()
     with pytest.raises(CheckpointError, match="--init_lora .*checkpoint-2/pytorch_lora_weights.safetensors"):
+        Trainer(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=2,
+                         resume_from_checkpoint="latest", optimizer="adamw"))
+    # one written under FSDP (its gathered optimizer state in its own file) needs an FSDP config
+    (out / "checkpoint-2" / FSDP_OPTIMIZER_FILE).write_bytes(b"")
+    reset_accelerate()
+    with pytest.raises(CheckpointError, match="written under FSDP; resume it with an FSDP accelerate config"):
         Trainer(make_cfg(demo_cache, tiny_flux_dev, out, max_train_steps=4, checkpointing_steps=2,
                          resume_from_checkpoint="latest", optimizer="adamw"))
 
