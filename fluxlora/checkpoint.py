@@ -173,7 +173,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
                               f"{Path(output_dir).resolve()} (or lower --checkpoints_total_limit) and resume "
                               f"with --resume_from_checkpoint latest") from err
     if accelerator.is_main_process:
-        if final.exists():  # a re-save of the same step after a resume
+        if final.exists():  # the same step saved again: a stop signal on a checkpoint step, or a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
         (final / COMPLETE).write_text(str(step))

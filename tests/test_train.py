@@ -285,6 +285,10 @@ def test_interrupted_checkpoint_is_never_resumed(demo_cache, tiny_flux_dev, tmp_
     trainer.run()  # saves checkpoint-6 afresh: nothing of the killed save's folder is kept
     assert (out / "checkpoint-6" / "COMPLETE").is_file() and not (out / "checkpoint-6" / "stale.bin").exists()
     assert not list(out.glob("*.tmp"))
+    # a stop signal on a checkpoint step saves that step again (maybe_checkpoint, then maybe_stop): it replaces it
+    assert trainer.save_checkpoint() == out / "checkpoint-6"
+    assert (out / "checkpoint-6" / "COMPLETE").is_file() and not list(out.glob("*.tmp"))
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
 
 
 def test_checkpoint_whose_optimizer_state_does_not_fit_names_the_way_out(demo_cache, tiny_flux_dev, tmp_path):
