@@ -14,6 +14,7 @@ four for the q/k op's lead, three of which survived: the pass's test ran with no
 checked the pass's guards, one eps and frozen weights; then planted 43 in modules without any: 11 got through the
 suite (five in the notebook's helpers and the Oxen adapter, six in prompts, tracking and checkpoints) and are kept
 here with their new tests, with one that only a narrower selection of tests missed (--checkpoints_total_limit);
+then 14 in the cache and LoRA files, of which three got through);
 changes that cannot alter behaviour on the suite's data (e.g. sorting rows that are already in order)
 are left out.
 """
@@ -342,6 +343,13 @@ MUTANTS = [
       CHECKPOINTS),
     M('fluxlora/checkpoint.py', '    if load_state is None and (path / FSDP_OPTIMIZER_FILE).is_file():',
       '    if False:', CHECKPOINTS),
+    M('fluxlora/cache.py', '        return sorted({int(v) for v in value})', '        return [int(v) for v in value]',
+      CACHE),
+    M('fluxlora/cache.py', '    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))',
+      '    canonical = json.dumps(fingerprint, separators=(",", ":"))', CACHE),
+    M('fluxlora/lora_io.py',
+      '    incomplete = [module for module, slots in parts.items() if not {"down", "up"} <= slots.keys()]',
+      '    incomplete = []', LORA_IO),
 ]
 
 

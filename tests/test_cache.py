@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from fluxlora import precompute
-from fluxlora.cache import MANIFEST_NAME, CacheError, EmbeddingCache, rebuild_command
+from fluxlora.cache import MANIFEST_NAME, CacheError, EmbeddingCache, fingerprint_hash, rebuild_command
 from fluxlora.config import PrecomputeConfig, parse_config
 from fluxlora.sampler import Batch, load_batch
 
@@ -119,9 +119,9 @@ def test_missing_shard_is_named(cache_copy):
 
 def test_fingerprint_mismatch_names_the_flag_and_the_rebuild(built, tiny_flux_dev):
     cache = EmbeddingCache(built)
-    # Equal settings pass, in any spelling: a relative model path, resolutions as a tuple.
+    # Equal settings pass, in any spelling: a relative model path, resolutions as a tuple, repeated.
     relative = os.path.relpath(tiny_flux_dev)
-    cache.check_fingerprint(pretrained_model_name_or_path=relative, resolutions=(64,), max_sequence_length=16,
+    cache.check_fingerprint(pretrained_model_name_or_path=relative, resolutions=(64, 64), max_sequence_length=16,
                             trigger_phrase="sks", flip_copies=False, max_aspect=4)
     with pytest.raises(CacheError) as info:
         cache.check_fingerprint(max_sequence_length=512, trigger_phrase="sks")
@@ -139,6 +139,13 @@ def test_fingerprint_mismatch_names_the_flag_and_the_rebuild(built, tiny_flux_de
         cache.check_fingerprint(flip_copies=True)
     with pytest.raises(CacheError, match="--lora_rank is 4 but the cache .* does not record it"):
         cache.check_fingerprint(lora_rank=4)
+
+
+def test_shard_names_depend_on_the_settings_not_their_order():
+    """The fingerprint's hash names the shards: a resumed build must find the finished ones."""
+    settings = {"resolutions": [512, 1024], "max_sequence_length": 512, "trigger_phrase": "sks"}
+    assert fingerprint_hash(settings) == fingerprint_hash(dict(reversed(settings.items())))
+    assert fingerprint_hash(settings) != fingerprint_hash({**settings, "trigger_phrase": "ohwx"})
 
 
 def test_rebuild_command_drops_defaults_and_quotes():

@@ -442,6 +442,14 @@ def test_diffusers_alpha_keys_are_honoured():
     )
 
 
+def test_a_module_missing_its_lora_b_is_named():
+    state = {"transformer.x_embedder.lora_A.weight": torch.ones(2, 64),
+             "transformer.x_embedder.lora_B.weight": torch.ones(64, 2),
+             "transformer.context_embedder.lora_A.weight": torch.ones(2, 64)}
+    with pytest.raises(ValueError, match=r"missing their lora_A or lora_B weight:\n  context_embedder$"):
+        to_kohya(state)
+
+
 def test_kohya_file_without_alphas_applies_at_scale_one():
     """kohya's loaders take a missing `.alpha` as alpha = rank."""
     generator = torch.Generator().manual_seed(0)
