@@ -7,7 +7,7 @@ sign, a flag ignored, a batch element mixed up) and names the tests that must th
 clones this checkout (committed files, so your working tree is never touched), applies the mutants
 one at a time in the clone, runs their tests with `pytest -x` and reports each as killed (a test
 failed, as it should) or SURVIVED (every test passed: a gap in the suite, or a change that does not
-alter behaviour). Exits 1 if any survived. Takes about 15 minutes on 2 cores; not part of CI.
+alter behaviour). Exits 1 if any survived. Takes about 22 minutes on 2 cores; not part of CI.
 
 Session 21 built this list from the mutants that had survived until tests were added for them (session 22 added
 four for the q/k op's lead, three of which survived: the pass's test ran with norm weights all ones, and nothing
