@@ -89,6 +89,10 @@ def main() -> None:
     lora = adapter_state(model)  # every process: gathers the shards
     if acc.is_main_process:
         save_file(lora, args.out, metadata={"lr": str(scheduler.get_last_lr()[0])})
+    # Both processes reach here before either tears down its gloo connections: a process that destroyed
+    # its group while the other still wrote its file once died in gloo's teardown (SIGABRT, "terminate
+    # called without an active exception"; once in session 22's three runs of the whole suite).
+    dist.barrier()
     dist.destroy_process_group()
 
 
