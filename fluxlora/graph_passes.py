@@ -345,11 +345,14 @@ def rms_norm_rope_as_one_op(graph: Graph) -> int:
     replaced = 0
     for node in list(graph.nodes):
         found = _rope(node)
-        norms = None if found is None else _rope_input_norms(found[0])
-        if norms is None or any(_example(t).requires_grad for t in found[1:3]):
+        if found is None:
+            continue
+        rotated, cos, sin, chain = found
+        norms = _rope_input_norms(rotated)
+        tables = [_example(t) for t in (cos, sin)]
+        if norms is None or any(t is None or t.requires_grad for t in tables):  # the op gives no table a gradient
             continue
         (x, weight, eps, *lead), erased = norms
-        _, cos, sin, chain = found
         with graph.inserting_before(node):
             flat = [graph.call_method("flatten", (t, 0, 2)) for t in (cos, sin)]  # [1, S, 1, D] -> [S, D]
             op = graph.call_function(torch.ops.fluxlora.rms_norm_rope.default, (x, weight, *flat, eps, *lead))
